@@ -1,0 +1,112 @@
+"""PPO losses as pure functions. Shapes: B batch, R response length; all maths in fp32."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ppolm.ops import masked_mean, masked_sum
+
+
+def token_mean(x: torch.Tensor, mask: torch.Tensor, num_tokens: float | None) -> torch.Tensor:
+    """masked mean, or sum / num_tokens when the caller knows the token count of the whole minibatch.
+
+    Dividing every micro-batch (and every process) by the same global count makes gradient accumulation and
+    data parallelism give exactly the gradient of the full-minibatch token mean.
+    """
+    return masked_mean(x, mask) if num_tokens is None else masked_sum(x, mask) / max(num_tokens, 1.0)
+
+
+@dataclass(frozen=True)
+class PolicyLossOut:
+    """loss: scalar; clipfrac: fraction of tokens where the clipped branch was taken; approx_kl: k3 of old||new."""
+
+    loss: torch.Tensor
+    clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+    ratio_mean: torch.Tensor
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_eps: float,
+    log_ratio_clamp: float = 20.0,
+    num_tokens: float | None = None,
+) -> PolicyLossOut:
+    """Clipped surrogate (Schulman et al. 2017):
+
+    ratio = exp(logprobs - old_logprobs)
+    L = mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) )  over response tokens.
+    The log-ratio is clamped to +-log_ratio_clamp before exp() so one bad token cannot overflow the loss.
+    Inputs (B, R); returns scalar loss and diagnostics (no grad in the diagnostics).
+    """
+    log_ratio = (logprobs.float() - old_logprobs.float()).clamp(-log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = token_mean(torch.maximum(unclipped, clipped), response_mask, num_tokens)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), response_mask)
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, response_mask)
+        ratio_mean = masked_mean(ratio, response_mask)
+    return PolicyLossOut(loss, clipfrac, approx_kl, ratio_mean)
+
+
+@dataclass(frozen=True)
+class ValueLossOut:
+    """loss: scalar (already halved); clipfrac: fraction of tokens where the clipped value loss was larger."""
+
+    loss: torch.Tensor
+    clipfrac: torch.Tensor
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_eps: float | None,
+    num_tokens: float | None = None,
+) -> ValueLossOut:
+    """Clipped value loss (as in OpenAI baselines / the N+ RLHF details):
+
+    V_clip = old_values + clip(values - old_values, -eps, eps)
+    L = 0.5 * mean( max((values - returns)^2, (V_clip - returns)^2) ); clip_eps=None disables clipping.
+    """
+    values = values.float()
+    err = (values - returns) ** 2
+    if clip_eps is None:
+        return ValueLossOut(0.5 * token_mean(err, response_mask, num_tokens), torch.zeros((), device=values.device))
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    err_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * token_mean(torch.maximum(err, err_clipped), response_mask, num_tokens)
+    with torch.no_grad():
+        clipfrac = masked_mean((err_clipped > err).float(), response_mask)
+    return ValueLossOut(loss, clipfrac)
+
+
+def entropy_bonus(entropy: torch.Tensor, response_mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
+    """Mean per-token entropy over response tokens; the loss subtracts ent_coef times this."""
+    return token_mean(entropy, response_mask, num_tokens)
+
+
+def sft_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
+    """Negative log-likelihood per completion token: -mean(logprobs) over loss_mask. (B, T) -> scalar."""
+    return -token_mean(logprobs.float(), loss_mask, num_tokens)
+
+
+def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected), mean over pairs. (B,), (B,) -> scalar."""
+    return -torch.nn.functional.logsigmoid(chosen_scores.float() - rejected_scores.float()).mean()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over response tokens (1 = perfect critic, <= 0 = useless)."""
+    from ppolm.ops import masked_var
+
+    var_returns = masked_var(returns, response_mask)
+    return 1.0 - masked_var(returns - values, response_mask) / var_returns.clamp(min=1e-8)

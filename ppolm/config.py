@@ -1,0 +1,365 @@
+"""Typed configuration: YAML file + dotted ``key=value`` overrides, validated before any model loads.
+
+Every field has one doc string (its attribute docstring, read by pydantic). Unknown keys and wrong types
+are errors that name the key and what is allowed. The resolved config is saved into ``output_dir``.
+Validation is done by pydantic, never by ``assert``, so it holds under ``python -O``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ppolm.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, field docs come from attribute docstrings."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class RolloutConfig(Section):
+    batch_size: int = Field(8, ge=1)
+    """Prompts sampled per step on each process (global batch = batch_size x processes)."""
+    max_new_tokens: int = Field(24, ge=1, le=4096)
+    """Longest response in tokens; longer responses are cut and count as not ended."""
+    max_prompt_tokens: int = Field(256, ge=1)
+    """Prompts longer than this (after the chat template) are dropped at load, with a count."""
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    """Sampling temperature; 0 means greedy."""
+    top_k: int = Field(0, ge=0)
+    """Keep only the k most likely tokens (0 = off)."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass (1.0 = off)."""
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    """Stop strings: a response ends after the first one it contains (EOS always stops)."""
+    use_chat_template: bool = True
+    """Wrap prompts in the tokenizer's chat template when it has one."""
+
+
+class KLConfig(Section):
+    coef: float = Field(0.05, ge=0.0)
+    """Initial coefficient of the per-token KL penalty against the reference model."""
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    """KL estimator used in the reward penalty: k1 = log(pi/ref), k3 = (r-1) - log r."""
+    adaptive: bool = False
+    """Adapt kl_coef towards `target` (Ziegler et al. 2019); otherwise it stays fixed."""
+    target: float = Field(6.0, gt=0.0)
+    """Target KL per sequence (nats) for the adaptive controller."""
+    horizon: float = Field(10000.0, gt=0.0)
+    """Horizon (in samples) of the adaptive controller."""
+
+
+class PPOConfig(Section):
+    epochs: int = Field(1, ge=1, le=100)
+    """Passes over each rollout batch."""
+    minibatch_size: int = Field(8, ge=1)
+    """Rows per optimizer step (per process); must divide rollout.batch_size."""
+    grad_accum_steps: int = Field(1, ge=1)
+    """Micro-batches per minibatch whose gradients are summed before one optimizer step."""
+    clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
+    """Policy ratio clip range epsilon."""
+    value_clip_eps: float | None = Field(0.2, gt=0.0)
+    """Value clip range around the old values (null disables value clipping)."""
+    vf_coef: float = Field(0.1, ge=0.0)
+    """Weight of the value loss in the total loss."""
+    ent_coef: float = Field(0.0, ge=0.0)
+    """Weight of the entropy bonus (0 = off)."""
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    """Discount factor of GAE."""
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Normalize advantages over the batch's response tokens."""
+    log_ratio_clamp: float = Field(20.0, gt=0.0)
+    """Clamp |log pi/pi_old| before exp() so a single token cannot overflow the loss."""
+    target_kl: float | None = Field(None, gt=0.0)
+    """Stop the epochs of a step early once approx-KL old||new exceeds this (null = never)."""
+
+
+class RewardFunctionConfig(Section):
+    name: str
+    """Registered reward function name, or 'module:function' importable from the Python path."""
+    weight: float = 1.0
+    """Weight of this function in the weighted sum of rewards."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments passed to the function."""
+
+
+class RewardConfig(Section):
+    functions: list[RewardFunctionConfig] = Field(default_factory=list)
+    """Plain reward functions (prompts, completions, **row_fields) -> list[float]."""
+    model: str | None = None
+    """A sequence-classification reward model (directory or name); its score is added with `model_weight`."""
+    model_weight: float = 1.0
+    """Weight of the reward model's score."""
+    normalize: bool = False
+    """Scale scores by a running std (and subtract a running mean)."""
+    clip: float | None = Field(None, gt=0.0)
+    """Clip scores to [-clip, clip] after normalization (null = off)."""
+    missing_eos_penalty: float | None = None
+    """Added to the score of a response that hit max_new_tokens without EOS/stop (e.g. -1.0)."""
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-5, gt=0.0, le=1.0)
+    """Peak learning rate of the policy."""
+    critic_lr: float | None = Field(None, gt=0.0, le=1.0)
+    """Learning rate of the critic (null = same as lr)."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = Field(1e-8, gt=0.0)
+    """AdamW epsilon."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup."""
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate decay after warmup, over the run's optimizer steps."""
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    """Clip the global gradient norm (null = off)."""
+    max_nonfinite_steps: int = Field(3, ge=1)
+    """Abort after this many optimizer steps in a row whose gradients were not finite."""
+
+
+class CriticConfig(Section):
+    kind: Literal["head", "separate"] = "head"
+    """'head': a value head on the policy's backbone (one forward for both); 'separate': its own model."""
+    init: Literal["policy", "reward"] = "policy"
+    """Initialize a separate critic from the policy weights or from the reward model."""
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    """Train LoRA adapters (peft) instead of all weights; the reference is the base with adapters off."""
+    r: int = Field(16, ge=1)
+    """LoRA rank."""
+    alpha: float = Field(32.0, gt=0.0)
+    """LoRA scaling alpha."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """LoRA dropout."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or 'all-linear'."""
+
+
+class LogConfig(Section):
+    every: int = Field(1, ge=1)
+    """Write a metrics line every N steps."""
+    samples_every: int = Field(10, ge=0)
+    """Log sample completions every N steps (0 = never)."""
+    tensorboard: bool = True
+    """Also write TensorBoard events when tensorboard is installed."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0)
+    """Save a checkpoint every N steps (0 = only at the end)."""
+    keep: int | None = Field(2, ge=1)
+    """Keep at most this many checkpoints (null = all)."""
+
+
+class TaskConfig(Section):
+    name: str = "generation"
+    """Built-in task (classification, ner, translation, generation, toy) or 'module:attr'."""
+    data: str | None = None
+    """Training data file; null uses the task's shipped demo data."""
+    eval_data: str | None = None
+    """Held-out data file; null splits off `eval_fraction` of the training data."""
+    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    """Fraction of rows held out for evaluation when eval_data is null."""
+    limit: int | None = Field(None, ge=1)
+    """Use at most this many training rows."""
+    eval_limit: int | None = Field(None, ge=1)
+    """Evaluate on at most this many rows."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Task-specific options (validated by the task before any model loads)."""
+
+
+class CommonConfig(Section):
+    model: str = "smollm2-135m-instruct"
+    """Model to start from: the embedded default, a tiny-random-* name, a local directory or a hub id."""
+    output_dir: str = "runs/latest"
+    """Where metrics, checkpoints, the resolved config and the final model are written."""
+    seed: int = 0
+    """Seed for every random choice of the run (sampling, shuffling, initialization)."""
+    max_steps: int = Field(20, ge=1)
+    """Training steps (PPO: rollout + update cycles; SFT/RM: optimizer steps)."""
+    resume: bool = False
+    """Continue from the latest valid checkpoint in output_dir."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """'bf16' autocast for the models (maths stays fp32); 'auto' picks bf16 where the hardware has it."""
+    trust_remote_code: bool = False
+    """Allow model code from the model directory to run (off unless asked for)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    allow_changed_resume: bool = False
+    """Resume even if the config or data changed since the checkpoint (warns instead of refusing)."""
+
+
+class PPORunConfig(CommonConfig):
+    """Configuration of `ppolm ppo`."""
+
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    """The task: data, prompts, rewards and metrics."""
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    """Sampling of responses."""
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    """Reward functions and reward model (empty = the task's default reward)."""
+    kl: KLConfig = Field(default_factory=KLConfig)
+    """KL penalty against the reference model."""
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    """PPO update hyper-parameters."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    """The value model."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    """LoRA adapters."""
+    log: LogConfig = Field(default_factory=LogConfig)
+    """Logging."""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+
+    @model_validator(mode="after")
+    def _check_batches(self) -> "PPORunConfig":
+        if self.rollout.batch_size % self.ppo.minibatch_size:
+            raise ValueError(
+                f"ppo.minibatch_size ({self.ppo.minibatch_size}) must divide rollout.batch_size "
+                f"({self.rollout.batch_size})"
+            )
+        if self.ppo.minibatch_size % self.ppo.grad_accum_steps:
+            raise ValueError(
+                f"ppo.grad_accum_steps ({self.ppo.grad_accum_steps}) must divide ppo.minibatch_size "
+                f"({self.ppo.minibatch_size})"
+            )
+        if self.critic.init == "reward" and self.critic.kind == "separate" and not self.reward.model:
+            raise ValueError("critic.init: 'reward' needs reward.model to be set")
+        return self
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b=1' -> (['a', 'b'], 1); the value is parsed as YAML so numbers, bools, null and lists work."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{'.'.join(path)}': '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _allowed_keys(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the section at `loc` (for 'unknown key' messages)."""
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part)) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        else:
+            return []
+    return list(cls.model_fields)
+
+
+def format_validation_error(cls: type[BaseModel], exc: ValidationError, source: str) -> str:
+    """One line naming the first offending key and what is allowed."""
+    err = exc.errors()[0]
+    loc = tuple(err.get("loc", ()))
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(cls, loc)
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        did = f"; did you mean '{hint[0]}'?" if hint else ""
+        return f"{source}: unknown key '{key}'{did} (allowed here: {', '.join(allowed)})"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, dict) else "a mapping"
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    if key == "(top level)":
+        return f"{source}: {msg}"
+    return f"{source}: key '{key}': {msg} (got {shown})"
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Read YAML `path` (optional), apply dotted overrides, validate into `cls`. Raises ConfigError."""
+    data: dict = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(loaded).__name__}")
+        data = loaded
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _set_path(data, keys, value)
+        source = source if path is not None else "override"
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(cls, exc, source)) from None
+
+
+def save_config(config: BaseModel, output_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config (every field, defaults included) as YAML into output_dir."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def describe(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) rows for every field, recursively: the source of `ppolm ppo --describe`."""
+    rows = []
+    for name, field in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.append((key, "", field.description or ""))
+            rows.extend(describe(ann, key + "."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((key, repr(default), field.description or ""))
+    return rows

@@ -1,0 +1,79 @@
+"""Small masked tensor operations shared by every layer.
+
+Shapes: B batch, R response length, V vocabulary. A mask is 1.0 for real tokens and 0.0 for padding.
+All functions are pure and run in whatever dtype they are given; callers pass fp32 for the maths.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(x * mask) over `dim` (all dims when None)."""
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(x * mask) / max(sum(mask), 1): a mask with no ones gives 0, never NaN."""
+    return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1.0) if dim is not None else masked_sum(
+        x, mask
+    ) / mask.sum().clamp(min=1.0)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked entries of x (Bessel-corrected when unbiased and more than one entry)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over masked entries; padding positions are returned as 0.
+
+    shift_mean=False keeps the mean (used for rewards, where the sign of the mean carries meaning).
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] per position. logits (B, R, V), labels (B, R) -> (B, R), computed in fp32."""
+    logits = logits.float()
+    # gather then subtract logsumexp: avoids materializing a second (B, R, V) tensor of log-probs.
+    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(z) - sum softmax(z) * z per position. logits (B, R, V) -> (B, R), fp32."""
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL divergence").
+
+    With log r = ref_logprobs - logprobs:
+    - k1 = -log r (unbiased, can be negative per token),
+    - k2 = (log r)^2 / 2,
+    - k3 = (r - 1) - log r (unbiased, always >= 0, lower variance).
+    Shapes (B, R) -> (B, R).
+    """
+    log_ratio = ref_logprobs.float() - logprobs.float()
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        # clamp keeps exp() finite on tokens the reference finds impossible; k3 is then large but not inf.
+        log_ratio = log_ratio.clamp(-20.0, 20.0)
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator '{estimator}' (allowed: k1, k2, k3)")

@@ -1,0 +1,101 @@
+"""Sampling responses without grad: a KV-cached decode loop with left-padded prompts.
+
+Own loop rather than `generate()`: it draws tokens with the inverse-CDF sampler and per-row uniforms (exact
+resume, process-count invariance), stops rows at EOS or stop strings, and returns the masks PPO needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from ppolm.sampling import sample_tokens
+from ppolm.types import Rollout
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: cumsum(mask) - 1, clamped at 0. (B, T) -> (B, T) long."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Cut `text` before the first stop string; returns (text, found)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    uniforms: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    eos_token_ids: list[int] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    prompts: list[str] | None = None,
+) -> Rollout:
+    """Sample up to max_new_tokens per row. prompt_ids/prompt_mask (B, P) left-padded; uniforms (B, R_max).
+
+    A row ends at its first EOS token (kept, masked in) or when its decoded text contains a stop string
+    (the response keeps the token that completed it; the completion text is cut before the stop string).
+    """
+    device = prompt_ids.device
+    B = prompt_ids.shape[0]
+    eos = torch.tensor(eos_token_ids or [tokenizer.eos_token_id], device=device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos[0])
+    attention = prompt_mask.long()
+    positions = position_ids_from_mask(attention)
+    cache = DynamicCache()
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    ended = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens_out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    mask_out = torch.zeros(B, max_new_tokens, device=device)
+    stop = [s for s in (stop or []) if s]
+    amp = (
+        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    )
+    input_ids, steps = prompt_ids, 0
+    with amp:
+        for t in range(max_new_tokens):
+            out = model(
+                input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                cache=cache, use_cache=True, logits_to_keep=1,
+            )
+            cache = out.cache
+            next_tokens = sample_tokens(out.logits[:, -1], uniforms[:, t].to(device), temperature, top_k, top_p)
+            next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
+            tokens_out[:, t] = next_tokens
+            mask_out[:, t] = (~finished).float()
+            hit_eos = torch.isin(next_tokens, eos) & ~finished
+            ended |= hit_eos
+            finished |= hit_eos
+            if stop:
+                for b in (~finished).nonzero().flatten().tolist():
+                    text = tokenizer.decode(tokens_out[b, : t + 1], skip_special_tokens=True)
+                    if truncate_at_stop(text, stop)[1]:
+                        finished[b] = ended[b] = True
+            steps = t + 1
+            if bool(finished.all()):
+                break
+            input_ids = next_tokens.unsqueeze(-1)
+            attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], dim=1)
+            positions = positions[:, -1:] + 1
+    tokens_out, mask_out = tokens_out[:, :steps], mask_out[:, :steps]
+    completions = []
+    for b in range(B):
+        n = int(mask_out[b].sum())
+        text = tokenizer.decode(tokens_out[b, :n], skip_special_tokens=True)
+        completions.append(truncate_at_stop(text, stop)[0] if stop else text)
+    return Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask.float(), response_ids=tokens_out, response_mask=mask_out,
+        ended=ended, prompts=list(prompts) if prompts is not None else [""] * B, completions=completions,
+    )

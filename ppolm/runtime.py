@@ -1,0 +1,92 @@
+"""The one place that talks to accelerate: processes, devices, reductions, wrapping for data parallelism.
+
+One process or many (torchrun / accelerate launch; gloo on CPU, NCCL on GPU); FSDP and DeepSpeed are
+accelerate's own plugins, configured through `accelerate config` as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+
+class Runtime:
+    """Thin facade over `accelerate.Accelerator` with the few collective ops PPO needs."""
+
+    def __init__(self, cpu: bool | None = None):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo") if not torch.cuda.is_available() else None
+        self.accelerator = Accelerator(cpu=bool(cpu) if cpu is not None else not torch.cuda.is_available())
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def distributed(self) -> bool:
+        return self.accelerator.distributed_type != DistributedType.NO
+
+    def sum(self, value: torch.Tensor | float) -> torch.Tensor:
+        """All-reduce sum across processes (identity on one process)."""
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.device).clone()
+        if self.distributed:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
+    def gather_floats(self, values: torch.Tensor) -> torch.Tensor:
+        """Concatenate a 1-D tensor from every process in rank order (lengths may differ)."""
+        if not self.distributed:
+            return values.detach().cpu()
+        from accelerate.utils import gather_object
+
+        return torch.tensor(gather_object(values.detach().cpu().tolist()), dtype=values.dtype)
+
+    def prepare(self, *objs):
+        """Wrap models (DDP/FSDP) and optimizers for this process layout."""
+        return self.accelerator.prepare(*objs)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def no_sync(self, model: torch.nn.Module, skip: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+        return self.accelerator.no_sync(model) if skip and self.distributed else contextlib.nullcontext()
+
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """True on every process if it is True on any."""
+        return bool(self.sum(1.0 if flag else 0.0) > 0)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 for 'bf16'; for 'auto', bf16 where the hardware runs it natively (AVX512-BF16/AMX CPUs, Ampere+)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    except (AttributeError, RuntimeError):
+        return None

@@ -1,0 +1,17 @@
+"""OpenAI-compatible serving of a ppolm model: `create_app` (FastAPI), `run_server` (uvicorn), request limits."""
+
+from ppolm.serve.app import create_app, run_server, serve_in_background
+from ppolm.serve.engine import DecodingDefaults, Engine, EngineStats, SamplingParams
+from ppolm.serve.limits import ApiError, ServeLimits
+
+__all__ = [
+    "ApiError",
+    "DecodingDefaults",
+    "Engine",
+    "EngineStats",
+    "SamplingParams",
+    "ServeLimits",
+    "create_app",
+    "run_server",
+    "serve_in_background",
+]

@@ -1,0 +1,219 @@
+"""Request limits of the server and the checks that enforce them, answering in OpenAI's error format.
+
+Two places enforce limits. `LimitsMiddleware` runs before any routing or parsing and guards the server
+itself: API key (401), body size (413), concurrent generation requests (429). `parse_json_body` and the
+range checks in `app.py` guard the model: every field is validated before a request reaches the engine, so
+a bad request is always a 4xx and never a 5xx.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Limits of `ppolm serve`; a request past any of them gets a 4xx in OpenAI's error format."""
+
+    max_concurrent_requests: int = 64
+    """Generation requests in flight (queued or running, streams until their last chunk); more get 429."""
+    max_body_bytes: int = 1_048_576
+    """Largest request body in bytes; a larger one gets 413 before it is parsed."""
+    max_tokens: int = 4096
+    """Cap on max_tokens of one request (400 above); the prompt + max_tokens must also fit the model context."""
+    max_stop_sequences: int = 4
+    """How many stop strings one request may give (OpenAI's own limit is 4)."""
+    max_stop_chars: int = 64
+    """Longest stop string, in characters."""
+    max_prompt_chars: int = 100_000
+    """Longest prompt (completions) or sum of message contents (chat), in characters, checked before tokenizing."""
+    max_messages: int = 256
+    """Most messages in one chat request."""
+    max_json_depth: int = 16
+    """Deepest nesting of arrays/objects in a request body (a valid request needs 4)."""
+    max_batch_size: int = 8
+    """Most requests the engine runs in one model batch."""
+    batch_wait_ms: float = 5.0
+    """How long an idle engine waits for more requests to fill a batch, in milliseconds."""
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"ServeLimits.{name} must be a non-negative number, got {value!r}")
+        if self.max_concurrent_requests < 1 or self.max_batch_size < 1 or self.max_tokens < 1:
+            raise ValueError("ServeLimits: max_concurrent_requests, max_batch_size and max_tokens must be >= 1")
+
+
+class ApiError(Exception):
+    """An error answered to the client as `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",  # noqa: A002 - the OpenAI field is called 'type'
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body OpenAI clients parse."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def parse_json_body(raw: bytes, *, max_depth: int) -> Any:
+    """Decode a request body: strict UTF-8, standard JSON (no NaN/Infinity), bounded nesting, no lone surrogates.
+
+    Raises ApiError(400) naming what is wrong; never lets a decoder exception through as a 500.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"request body is not valid UTF-8 (byte {exc.start})", code="invalid_encoding") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, f"request body nests deeper than {max_depth} levels", code="invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers with too many digits
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    _check_tree(value, max_depth)
+    return value
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_tree(value: Any, max_depth: int) -> None:
+    # Iterative walk: a recursive one would itself be the stack overflow this check exists to prevent.
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > max_depth:
+                raise ApiError(400, f"request body nests deeper than {max_depth} levels", code="invalid_json")
+            children = list(item.keys()) + list(item.values()) if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                # JSON escapes can spell lone surrogates (\\ud800) that no tokenizer accepts.
+                raise ApiError(400, "request body contains an invalid unicode escape", code="invalid_json") from None
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ApiError(400, "numbers must be finite", code="invalid_json")
+
+
+def _error_response(status: int, message: str, *, code: str, type: str = "invalid_request_error") -> list[Message]:  # noqa: A002
+    body = json.dumps(ApiError(status, message, code=code, type=type).body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    return [
+        {"type": "http.response.start", "status": status, "headers": headers},
+        {"type": "http.response.body", "body": body},
+    ]
+
+
+class LimitsMiddleware:
+    """ASGI middleware: API key on /v1, body size on every request, concurrency on generation routes.
+
+    The body is read here (at most max_body_bytes + one chunk) and replayed to the app, so an oversized or
+    endless body is refused without being buffered, and at most max_concurrent_requests bodies are held.
+    The concurrency slot is held until the app returns, which for a stream is after its last chunk.
+    """
+
+    def __init__(self, app: ASGIApp, limits: ServeLimits, api_key: str | None = None) -> None:
+        self.app = app
+        self.limits = limits
+        self.api_key = api_key
+        self.in_flight = 0  # touched only on the event loop thread, so no lock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if self.api_key is not None and path.startswith("/v1") and not self._authorized(scope):
+            await _send_all(send, _error_response(401, "invalid or missing API key", code="invalid_api_key"))
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limits.max_body_bytes):
+            await _send_all(send, self._too_large())
+            return
+        guarded = scope.get("method") == "POST" and path in GENERATION_PATHS
+        if guarded and self.in_flight >= self.limits.max_concurrent_requests:
+            msg = f"too many concurrent requests (limit {self.limits.max_concurrent_requests}); retry later"
+            await _send_all(send, _error_response(429, msg, code="rate_limit_exceeded", type="rate_limit_error"))
+            return
+        if guarded:
+            self.in_flight += 1
+        try:
+            body = await self._read_body(receive)
+            if body is None:
+                await _send_all(send, self._too_large())
+                return
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            if guarded:
+                self.in_flight -= 1
+
+    def _authorized(self, scope: Scope) -> bool:
+        headers = dict(scope.get("headers") or [])
+        value = headers.get(b"authorization", b"")
+        scheme, _, token = value.partition(b" ")
+        expected = (self.api_key or "").encode()
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected)
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(chunks)  # client left; the app will notice on its own
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limits.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _too_large(self) -> list[Message]:
+        return _error_response(
+            413, f"request body larger than {self.limits.max_body_bytes} bytes", code="request_too_large"
+        )
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # later calls wait for http.disconnect, which streaming responses listen for
+
+    return replay
+
+
+async def _send_all(send: Send, messages: list[Message]) -> None:
+    for message in messages:
+        await send(message)

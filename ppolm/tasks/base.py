@@ -1,0 +1,74 @@
+"""The task contract: dataset reader -> prompt -> decoding settings -> reward function(s) -> metrics.
+
+SFT, PPO, evaluation, generation and serving all use a task the same way. A user adds a task with a
+subclass of `Task` in one small Python file (named as 'module:attr' in the config) or in YAML that names a
+reward function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+RewardFn = Callable[..., list[float]]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row of a task. prompt: the user message (before the chat template); reference: the expected
+    completion (SFT target, evaluation reference); fields: per-row values passed to reward functions."""
+
+    prompt: str
+    reference: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding settings a task recommends for evaluation and serving (saved with an exported model)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+
+
+class TaskOptions(BaseModel):
+    """Base of a task's options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class Task:
+    """Subclass and fill in: `load`, `reward_functions`, `metrics`. Options are validated at construction."""
+
+    name: ClassVar[str] = "task"
+    Options: ClassVar[type[TaskOptions]] = TaskOptions
+    system_prompt: str | None = None
+    decoding: Decoding = Decoding()
+
+    def __init__(self, **options: Any):
+        self.options = self.Options.model_validate(options)
+
+    def load(self, path: str | None) -> list[Example]:
+        """Read `path` (None = the task's shipped demo data) into examples."""
+        raise NotImplementedError
+
+    def reward_functions(self) -> list[tuple[RewardFn, float]]:
+        """Default reward: weighted plain functions (prompts, completions, **fields) -> list[float]."""
+        raise NotImplementedError
+
+    def metrics(self, examples: Sequence[Example], completions: Sequence[str], **extra: Any) -> dict[str, Any]:
+        """Field-standard metrics of `completions` against `examples`."""
+        raise NotImplementedError
+
+    def row_fields(self, examples: Sequence[Example]) -> dict[str, list]:
+        """Column-wise fields of a batch, as reward functions receive them."""
+        keys = sorted({k for ex in examples for k in ex.fields})
+        return {k: [ex.fields.get(k) for ex in examples] for k in keys}
