@@ -38,7 +38,8 @@ def write_bad_corpus(dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     add("json_array_line.jsonl", '{"text": "a"}\n[1, 2]\n', 2, "expected a JSON object, found an array")
     add("json_string_line.jsonl", ok + '\n"hello"\n', 4, "found a string")
     add("json_truncated.jsonl", ok + '{"text": "c", "lab', 3, "truncated last line")
-    add("json_invalid_utf8.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n', 2, "invalid UTF-8: byte 0xe9 at byte offset 13")
+    add("json_invalid_utf8.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n', 2,
+        "invalid UTF-8: byte 0xe9 at byte offset 13")
     add("json_empty.jsonl", b"", None, "file is empty")
     add("json_whitespace.jsonl", "\n  \n\t\n", None, "empty")
     add("json_missing_required.jsonl", ok + '{"text": "c"}\n', 3, "field 'label': missing required field",

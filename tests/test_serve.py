@@ -221,7 +221,7 @@ def test_concurrent_requests_are_batched(server):
 
 def test_padding_does_not_change_a_row(tokenizer):
     """A row's sampled tokens are the same alone and left-padded in one batch with longer prompts."""
-    engine = Engine(load_model(MODEL), tokenizer, max_batch_size=3, batch_wait_s=1.0)
+    engine = Engine(load_model(MODEL), tokenizer, max_batch_size=3, batch_wait_s=0.0)
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in ("hi", "a much longer prompt", "medium one")]
     params = SamplingParams(temperature=1.0, top_p=0.95, top_k=50, max_new_tokens=12, seed=21, ignore_eos=True)
 

@@ -293,7 +293,8 @@ def _parse_delimited(src: _Source, fmt: str, columns: list[str] | None, header: 
         if header_line is None and not records:
             _check_columns(src.path, None, names, required)
         if len(row) != len(names):
-            like = "like the header" if header_line else (f"({', '.join(columns)})" if columns else "like the first row")
+            like = f"({', '.join(columns)})" if columns else "like the first row"
+            like = "like the header" if header_line else like
             hint = f" (a quoted field spans lines {start}-{end}: unterminated quote?)" if end > start else ""
             raise src.error(start, None, f"expected {len(names)} columns {like}, found {len(row)}{hint}")
         records.append(Record(dict(zip(names, row)), src.path, start))
@@ -398,7 +399,8 @@ def _parse_conll(src: _Source) -> list[Record]:
             raise src.error(n, None, f"expected {width} columns like line {first} (the sentence's first line), "
                             f"found {len(cols)}")
         if not _TAG.match(cols[-1]):
-            raise src.error(n, "tag", f"{_show(cols[-1])} is not a tag of the form O, B-TYPE, I-TYPE or E-TYPE")
+            raise src.error(n, "tag", f"{_show(cols[-1])} is not a tag of the form O or B-, I-, E-, S- "
+                            "followed by a type")
         tokens.append(cols[0])
         tags.append(cols[-1])
     return records

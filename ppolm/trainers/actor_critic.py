@@ -1,0 +1,106 @@
+"""Building the models of a PPO run from its config: policy (+LoRA), value head or separate critic, reference.
+
+`ActorCritic` bundles every trainable module into one nn.Module so that data parallelism (DDP/FSDP through
+accelerate) wraps and all-reduces them together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ppolm.config import PPORunConfig
+from ppolm.models import load_model
+from ppolm.models.policy import (
+    SeparateCritic, TokenScores, ValueHead, apply_lora, disable_dropout, frozen_copy, hidden_size, score_tokens,
+)
+
+
+class ActorCritic(nn.Module):
+    """policy + (value head | separate critic). forward -> (logprobs, values, entropy) for response tokens."""
+
+    def __init__(self, policy: PreTrainedModel, value_head: ValueHead | None, critic: SeparateCritic | None):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.critic = critic
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_ids: torch.Tensor,
+        need_entropy: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """logprobs (B, R), values (B, R), entropy (B, R) or None; one backbone forward in head mode."""
+        out: TokenScores = score_tokens(
+            self.policy, input_ids, attention_mask, response_ids,
+            value_head=self.value_head, need_entropy=need_entropy, autocast_dtype=autocast_dtype,
+        )
+        values = out.values
+        if self.critic is not None:
+            values = self.critic(input_ids, attention_mask, response_ids.shape[1], autocast_dtype)
+        return out.logprobs, values, out.entropy
+
+    def is_lora(self) -> bool:
+        return hasattr(self.policy, "disable_adapter")
+
+
+def build_actor_critic(cfg: PPORunConfig, amp: torch.dtype | None) -> tuple[ActorCritic, PreTrainedModel | None]:
+    """(actor_critic, reference). The reference is None with LoRA (adapters disabled instead) and when the
+    KL penalty is off for the whole run (kl.coef = 0, not adaptive): no forward the maths does not need."""
+    policy = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+    disable_dropout(policy)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.config.use_cache = False
+    kl_needed = cfg.kl.coef > 0 or cfg.kl.adaptive
+    reference = None
+    if not cfg.lora.enabled and kl_needed:
+        reference = frozen_copy(policy, amp)
+    if cfg.lora.enabled:
+        policy = apply_lora(policy, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    # Value-head init draws from the global RNG: seed it so every process and every resume builds the same head.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 17)
+        critic, value_head = None, None
+        if cfg.critic.kind == "head":
+            value_head = ValueHead(hidden_size(policy))
+        else:
+            source = cfg.reward.model if cfg.critic.init == "reward" else cfg.model
+            backbone = load_model(source, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+            disable_dropout(backbone)
+            critic = SeparateCritic(backbone, ValueHead(hidden_size(backbone)))
+    return ActorCritic(policy, value_head, critic), reference
+
+
+def param_groups(model: ActorCritic, lr: float, critic_lr: float | None) -> list[dict]:
+    """Two AdamW groups: the policy's trainable weights, and the critic's (its own LR when configured)."""
+    policy_params = [p for p in model.policy.parameters() if p.requires_grad]
+    critic_modules = [m for m in (model.value_head, model.critic) if m is not None]
+    critic_params = [p for m in critic_modules for p in m.parameters() if p.requires_grad]
+    groups = [{"params": policy_params, "lr": lr}]
+    if critic_params:
+        groups.append({"params": critic_params, "lr": critic_lr or lr})
+    return groups
+
+
+@torch.no_grad()
+def reference_logprobs(
+    actor: ActorCritic,
+    reference: PreTrainedModel | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    amp: torch.dtype | None,
+) -> torch.Tensor:
+    """log pi_ref(response tokens), (B, R): the frozen copy, or the policy with its LoRA adapters off."""
+    if reference is not None:
+        return score_tokens(reference, input_ids, attention_mask, response_ids, autocast_dtype=amp).logprobs
+    ctx = actor.policy.disable_adapter() if actor.is_lora() else contextlib.nullcontext()
+    with ctx:
+        return score_tokens(actor.policy, input_ids, attention_mask, response_ids, autocast_dtype=amp).logprobs

@@ -1,0 +1,179 @@
+"""What a PPO checkpoint holds, and resuming from one.
+
+checkpoint-N/ (written crash-safely by CheckpointManager):
+  policy/            HF model directory (safetensors; adapter only with LoRA)
+  critic.safetensors value head or separate critic weights
+  optimizer.*        AdamW state (safetensors + json, no pickle); scheduler.* likewise
+  rng.*              python / numpy / torch RNG states
+  trainer_state.json step, KL controller, reward moments, optimizer counters, data position, fingerprints
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ppolm.checkpoint import CheckpointManager
+from ppolm.errors import CheckpointError
+from ppolm.state_io import (
+    load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json, save_optimizer_state,
+    save_rng_state, save_scheduler_state,
+)
+
+if TYPE_CHECKING:
+    from ppolm.trainers.ppo import PPOTrainer
+
+# Keys that may change between a run and its resume without changing what is computed.
+VOLATILE_KEYS = {"resume", "max_steps", "output_dir", "allow_changed_resume", "log", "checkpoint"}
+
+
+def config_fingerprint(config) -> dict:
+    """The config fields that define the computation (flattened 'a.b' -> value)."""
+    flat: dict = {}
+
+    def walk(prefix: str, node):
+        for k, v in node.items():
+            if not prefix and k in VOLATILE_KEYS:
+                continue
+            if isinstance(v, dict) and v:
+                walk(f"{prefix}{k}.", v)
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk("", config.model_dump(mode="json"))
+    return flat
+
+
+def data_fingerprint(texts: list[str]) -> str:
+    """sha256 over the prompt texts in order."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _critic_state(trainer: "PPOTrainer") -> dict[str, torch.Tensor]:
+    actor = trainer.actor
+    module = actor.value_head if actor.value_head is not None else actor.critic
+    return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+class PPOCheckpointer:
+    """Save / resume / export for one PPOTrainer."""
+
+    def __init__(self, trainer: "PPOTrainer"):
+        self.t = trainer
+        self.manager = CheckpointManager(trainer.cfg.output_dir, keep=trainer.cfg.checkpoint.keep)
+
+    def _write(self, step: int, out: Path) -> None:
+        t = self.t
+        policy = t.actor.policy
+        policy.save_pretrained(out / "policy", safe_serialization=True)
+        save_file(_critic_state(t), str(out / "critic.safetensors"))
+        save_optimizer_state(t.optim.optimizer, out / "optimizer")
+        save_scheduler_state(t.optim.scheduler, out / "scheduler")
+        save_rng_state(out / "rng")
+        save_json(out / "trainer_state.json", {
+            "step": step,
+            "kl_controller": t.kl_ctl.state_dict(),
+            "reward_moments": t.scorer.moments.state_dict(),
+            "optimization": t.optim.state_dict(),
+            "data_position": step * t.global_batch,
+            "world_size": t.runtime.world_size,
+            "config": config_fingerprint(t.cfg),
+            "data": data_fingerprint(t.prompts.texts),
+        })
+
+    def save(self, step: int) -> Path | None:
+        """Main process writes checkpoint-`step`; every process waits for it."""
+        path = None
+        if self.t.runtime.is_main:
+            path = self.manager.save(step, lambda out: self._write(step, out))
+        self.t.runtime.wait()
+        return path
+
+    def maybe_resume(self) -> int:
+        """Load the latest valid checkpoint; returns the step to continue from (0 when none)."""
+        t = self.t
+        log = print if t.runtime.is_main else (lambda _msg: None)
+        path = self.manager.latest_valid(log=log)
+        if path is None:
+            return 0
+        state = load_json(path / "trainer_state.json")
+        self._check_same_run(state, path)
+        self._load_policy(path / "policy")
+        module = t.actor.value_head if t.actor.value_head is not None else t.actor.critic
+        module.load_state_dict(load_file(str(path / "critic.safetensors")))
+        load_optimizer_state(t.optim.optimizer, path / "optimizer")
+        load_scheduler_state(t.optim.scheduler, path / "scheduler")
+        load_rng_state(path / "rng")
+        t.kl_ctl.load_state_dict(state["kl_controller"])
+        t.scorer.moments.load_state_dict(state["reward_moments"])
+        t.optim.load_state_dict(state["optimization"])
+        log(f"resumed from {path.name} (step {state['step']})")
+        return int(state["step"])
+
+    def _check_same_run(self, state: dict, path: Path) -> None:
+        t = self.t
+        old, new = state.get("config", {}), config_fingerprint(t.cfg)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        problems = []
+        if changed:
+            problems.append("config changed: " + ", ".join(
+                f"{k} ({json.dumps(old.get(k))} -> {json.dumps(new.get(k))})" for k in changed[:5]))
+        if state.get("data") != data_fingerprint(t.prompts.texts):
+            problems.append("training data changed")
+        if state.get("world_size", t.runtime.world_size) != t.runtime.world_size:
+            problems.append(f"process count changed ({state['world_size']} -> {t.runtime.world_size})")
+        if not problems:
+            return
+        msg = f"cannot resume from {path}: " + "; ".join(problems)
+        if not t.cfg.allow_changed_resume:
+            raise CheckpointError(msg + " (set allow_changed_resume=true to resume anyway)")
+        if t.runtime.is_main:
+            print("warning: " + msg.replace("cannot resume", "resuming"))
+
+    def _load_policy(self, directory: Path) -> None:
+        policy = self.t.actor.policy
+        if self.t.actor.is_lora():
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(policy, load_file(str(directory / "adapter_model.safetensors")))
+            return
+        state = load_file(str(directory / "model.safetensors"))
+        missing, unexpected = policy.load_state_dict(state, strict=False)
+        tied = set(getattr(policy, "_tied_weights_keys", None) or [])
+        missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise CheckpointError(f"{directory}: weights do not match the model (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
+
+    def export_final(self) -> Path | None:
+        """output_dir/final: a plain HF model directory (LoRA merged) + tokenizer + decoding settings."""
+        t = self.t
+        if not t.runtime.is_main:
+            t.runtime.wait()
+            return None
+        out = Path(t.cfg.output_dir) / "final"
+        policy = t.actor.policy
+        if t.actor.is_lora():
+            import copy
+
+            policy = copy.deepcopy(policy).merge_and_unload()
+        policy.save_pretrained(out, safe_serialization=True)
+        t.tokenizer.save_pretrained(out)
+        r = t.cfg.rollout
+        d = t.task.decoding
+        save_json(out / "ppolm_decoding.json", {
+            "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
+            "max_new_tokens": r.max_new_tokens, "stop": list(r.stop or d.stop),
+            "system_prompt": t.task.system_prompt, "task": t.cfg.task.name,
+        })
+        t.runtime.wait()
+        return out
