@@ -258,8 +258,9 @@ class _Row:
         if len(self.ids) >= p.max_new_tokens:
             return self._finish("length", text)
         safe = len(text) - self.hold
-        # A trailing U+FFFD is usually half of a multi-byte character whose rest comes with the next token.
-        while safe > self.sent and text[safe - 1] == "\ufffd":
+        # A trailing U+FFFD may be the first bytes of a character whose rest comes with the next token; an
+        # incomplete character decodes to exactly one U+FFFD, so holding back one is enough.
+        if safe > self.sent and text[safe - 1] == "\ufffd":
             safe -= 1
         if safe > self.sent:
             self.req.emit(text[self.sent : safe])

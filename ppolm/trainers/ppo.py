@@ -216,7 +216,7 @@ class PPOTrainer:
                     ntok = float(m.response_mask.sum())
                     # DDP averages gradients over processes; the loss is already a global token mean.
                     return loss * world, {
-                        "loss/policy": float(pl.loss) * mb_tokens, "loss/value": float(vl.loss) * mb_tokens,
+                        "loss/policy": float(pl.loss.detach()) * mb_tokens, "loss/value": float(vl.loss.detach()) * mb_tokens,
                         "policy/clipfrac": float(pl.clipfrac) * ntok, "policy/approx_kl": float(pl.approx_kl) * ntok,
                         "policy/ratio_mean": float(pl.ratio_mean) * ntok, "val/clipfrac": float(vl.clipfrac) * ntok,
                     }

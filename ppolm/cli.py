@@ -1,0 +1,170 @@
+"""The `ppolm` command line: one subcommand per stage of the flow.
+
+Every training command takes `--config FILE` plus dotted `key=value` overrides; the config is validated
+before any model loads. User errors print one line and exit with code 2 (a traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Any
+
+from ppolm.errors import PpolmError
+
+# subcommand -> (config class, run function, one-line help)
+CONFIG_COMMANDS = {
+    "ppo": ("ppolm.config:PPORunConfig", "ppolm.trainers.ppo:train_ppo", "PPO fine-tuning (RLHF-style)"),
+    "sft": ("ppolm.trainers.sft:SFTRunConfig", "ppolm.trainers.sft:train_sft", "supervised fine-tuning"),
+    "rm": ("ppolm.trainers.rm:RMRunConfig", "ppolm.trainers.rm:train_rm", "reward-model training from preference pairs"),
+    "run": ("ppolm.pipeline:PipelineConfig", "ppolm.pipeline:run_pipeline",
+            "the whole flow: preprocess, train (SFT and/or PPO), evaluate, adjust, export, report"),
+}
+
+
+def _load(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _add_config_command(sub, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("config_file", nargs="?", help="YAML config (same as --config)")
+    p.add_argument("--config", "-c", dest="config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides, e.g. ppo.clip_eps=0.1")
+    p.add_argument("--describe", action="store_true", help="list every config key with its default and meaning")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ppolm", description="PPO fine-tuning for language models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, _, help_text) in CONFIG_COMMANDS.items():
+        _add_config_command(sub, name, help_text)
+
+    ev = sub.add_parser("eval", help="evaluate a model on a task: metrics.json, predictions.jsonl, a table")
+    ev.add_argument("--task", required=True)
+    ev.add_argument("--model", default="smollm2-135m-instruct")
+    ev.add_argument("--data", default=None, help="data file (default: the task's shipped demo data)")
+    ev.add_argument("--limit", type=int, default=None)
+    ev.add_argument("--output-dir", default=None)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option")
+
+    gen = sub.add_parser("generate", help="write completions for prompts in a file")
+    gen.add_argument("--model", default="smollm2-135m-instruct")
+    gen.add_argument("--input", required=True, help="JSONL/CSV/TSV with a 'prompt' (or 'text') field, or .txt lines")
+    gen.add_argument("--output", default=None, help="output JSONL (default: INPUT.completions.jsonl)")
+    gen.add_argument("--task", default=None, help="use this task's prompt format and decoding settings")
+    gen.add_argument("--max-new-tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--batch-size", type=int, default=8)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    srv.add_argument("--model", default="smollm2-135m-instruct")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require this Bearer key")
+    srv.add_argument("--max-concurrent", type=int, default=None, help="429 past this many requests in flight")
+
+    data = sub.add_parser("data", help="data preprocessing tools")
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    chk = dsub.add_parser("check", help="validate a data file and print its statistics")
+    chk.add_argument("file")
+    chk.add_argument("--task", default=None, choices=["classification", "ner", "translation", "generation"])
+    chk.add_argument("--format", default=None)
+    chk.add_argument("--columns", default=None, help="comma-separated column names for a headerless file")
+    chk.add_argument("--target", default=None, help="target-language file for line-aligned translation data")
+    chk.add_argument("--tokenizer", default=None, help="model name whose tokenizer gives token lengths")
+
+    sub.add_parser("models", help="list the models that can be loaded here")
+    return parser
+
+
+def _run_config_command(args: argparse.Namespace) -> int:
+    cls_path, fn_path, _ = CONFIG_COMMANDS[args.command]
+    from ppolm.config import describe, load_config
+
+    cls = _load(cls_path)
+    if args.describe:
+        for key, default, doc in describe(cls):
+            print(f"{key:34s} {default:24s} {doc}")
+        return 0
+    config_path = args.config or args.config_file
+    if args.config_file and args.config and args.config_file != args.config:
+        args.overrides.insert(0, args.config_file)
+        config_path = args.config
+    if config_path and "=" in config_path and not args.config:
+        args.overrides.insert(0, config_path)
+        config_path = None
+    cfg = load_config(cls, config_path, args.overrides)
+    result = _load(fn_path)(cfg)
+    if isinstance(result, dict):
+        headline = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+        if headline:
+            print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in list(headline.items())[:8]))
+    return 0
+
+
+def _run_data_check(args: argparse.Namespace) -> int:
+    from ppolm.data.check import check_file
+
+    tokenizer = None
+    if args.tokenizer:
+        from ppolm.models import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    columns = args.columns.split(",") if args.columns else None
+    report = check_file(args.file, task=args.task, tokenizer=tokenizer, columns=columns, format=args.format,
+                        target=args.target)
+    print(report.format())
+    return 0
+
+
+def _run_models() -> int:
+    from ppolm.models import available_models
+
+    rows = available_models()
+    width = max(len(r[0]) for r in rows)
+    for name, source, status in rows:
+        print(f"{name:{width}s}  {source}  [{status}]")
+    return 0
+
+
+def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command in CONFIG_COMMANDS:
+        return _run_config_command(args)
+    if args.command == "models":
+        return _run_models()
+    if args.command == "data":
+        if args.data_command == "check":
+            return _run_data_check(args)
+        parser.parse_args(["data", "--help"])
+    if args.command == "eval":
+        return _load("ppolm.eval.run:eval_command")(args)
+    if args.command == "generate":
+        return _load("ppolm.eval.run:generate_command")(args)
+    if args.command == "serve":
+        return _load("ppolm.serve:serve_command")(args)
+    parser.print_help()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return dispatch(args, parser)
+    except PpolmError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
