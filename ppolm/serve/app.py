@@ -19,93 +19,31 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ppolm.serve.engine import DecodingDefaults, Engine, Finish, SamplingParams
-from ppolm.serve.limits import ApiError, LimitsMiddleware, ServeLimits, parse_json_body
+from ppolm.serve.limits import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    LimitsMiddleware,
+    ServeLimits,
+    SamplingRequest,
+    TextPart,
+    parse_json_body,
+    resolve_sampling,
+)
 
 log = logging.getLogger("ppolm.serve")
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
-
-
-class _Strict(BaseModel):
-    # strict: "5" is not an int and 5.0 is not a max_tokens; forbid: a typo'd option is an error, as on OpenAI.
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-
-class StreamOptions(_Strict):
-    include_usage: bool | None = None
-
-
-class _Sampling(_Strict):
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # extra field (vLLM's spelling); 0 disables
-    n: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    ignore_eos: bool | None = None  # extra field (vLLM's spelling) for fixed-length benchmarks
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[int]
-    echo: bool | None = None
-    best_of: int | None = None
-    logprobs: int | None = None
-    suffix: str | None = None
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-
-class ResponseFormat(_Strict):
-    type: Literal["text"]
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
-
-
-# Options accepted only at the value that means "off": (field, value is neutral).
-_NEUTRAL = {
-    "presence_penalty": lambda v: v == 0,
-    "frequency_penalty": lambda v: v == 0,
-    "logit_bias": lambda v: not v,
-    "echo": lambda v: not v,
-    "best_of": lambda v: v == 1,
-    "logprobs": lambda v: not v,
-    "top_logprobs": lambda v: not v,
-    "suffix": lambda v: not v,
-}
 
 
 def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -179,7 +117,7 @@ def create_app(
             raise _unknown_model(name, model_name)
         return _model_card(model_name, started)
 
-    async def _parse(request: Request, schema: type[_Sampling]) -> Any:
+    async def _parse(request: Request, schema: type[SamplingRequest]) -> Any:
         ctype = request.headers.get("content-type", "")
         if ctype.split(";")[0].strip().lower() != "application/json":
             raise ApiError(415, f"content-type must be application/json, got '{ctype}'", code="unsupported_media_type")
@@ -232,67 +170,6 @@ def create_app(
     return app
 
 
-def resolve_sampling(
-    req: _Sampling,
-    max_tokens: int | None,
-    prompt_tokens: int,
-    n_ctx: int,
-    limits: ServeLimits,
-    defaults: DecodingDefaults,
-) -> SamplingParams:
-    """Merge a request with the model's decoding defaults and check every value against its range and limit."""
-    def bad(param: str, message: str, code: str = "invalid_value") -> ApiError:
-        return ApiError(400, f"{param}: {message}", param=param, code=code)
-
-    if req.n is not None and req.n != 1:
-        raise bad("n", f"only n=1 is supported, got {req.n}")
-    for name, neutral in _NEUTRAL.items():
-        value = getattr(req, name, None)
-        if value is not None and not neutral(value):
-            raise bad(name, f"not supported by this server (got {value!r})")
-    temperature = defaults.temperature if req.temperature is None else req.temperature
-    if not 0 <= temperature <= 2:  # written so that NaN fails too
-        raise bad("temperature", f"must be in [0, 2], got {temperature}")
-    top_p = defaults.top_p if req.top_p is None else req.top_p
-    if not 0 < top_p <= 1:
-        raise bad("top_p", f"must be in (0, 1], got {top_p}")
-    top_k = defaults.top_k if req.top_k is None else req.top_k
-    if top_k < 0:
-        raise bad("top_k", f"must be >= 0 (0 disables), got {top_k}")
-    if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
-        raise bad("seed", f"must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
-    stop = defaults.stop if req.stop is None else ((req.stop,) if isinstance(req.stop, str) else tuple(req.stop))
-    if len(stop) > limits.max_stop_sequences:
-        raise bad("stop", f"{len(stop)} stop sequences, limit {limits.max_stop_sequences}")
-    if any(not s or len(s) > limits.max_stop_chars for s in stop):
-        raise bad("stop", f"each stop string must have 1 to {limits.max_stop_chars} characters")
-    if prompt_tokens == 0:
-        raise bad("prompt", "the prompt is empty")
-    if prompt_tokens >= n_ctx:
-        msg = f"the prompt has {prompt_tokens} tokens, the model's context length is {n_ctx} tokens"
-        raise bad("prompt", msg, code="context_length_exceeded")
-    if max_tokens is None:
-        # An unset budget is the default, trimmed to what the context has room for.
-        max_tokens = max(1, min(defaults.max_new_tokens, limits.max_tokens, n_ctx - prompt_tokens))
-    elif not 1 <= max_tokens <= limits.max_tokens:
-        raise bad("max_tokens", f"must be in [1, {limits.max_tokens}], got {max_tokens}")
-    elif prompt_tokens + max_tokens > n_ctx:
-        msg = (
-            f"the model's context length is {n_ctx} tokens, but {prompt_tokens + max_tokens} were requested "
-            f"({prompt_tokens} in the prompt + {max_tokens} max_tokens); shorten the prompt or lower max_tokens"
-        )
-        raise bad("max_tokens", msg, code="context_length_exceeded")
-    return SamplingParams(
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=int(top_k),
-        max_new_tokens=int(max_tokens),
-        stop=stop,
-        seed=req.seed,
-        ignore_eos=bool(req.ignore_eos),
-    )
-
-
 def _check_chars(n: int, limits: ServeLimits, param: str) -> None:
     if n > limits.max_prompt_chars:
         msg = f"{param}: {n} characters, limit {limits.max_prompt_chars}"
@@ -321,7 +198,7 @@ def _model_card(name: str, created: int) -> dict[str, Any]:
 
 
 async def _respond(
-    engine: Engine, req: _Sampling, prompt_ids: list[int], params: SamplingParams, model_name: str, *, chat: bool
+    engine: Engine, req: SamplingRequest, prompt_ids: list[int], params: SamplingParams, model_name: str, *, chat: bool
 ) -> JSONResponse | StreamingResponse:
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -432,6 +309,9 @@ def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) ->
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # asyncio sets TCP_NODELAY only on sockets it knows are TCP, and uvicorn's copy of this one reports proto 0;
+    # accepted connections inherit the option from here, else Nagle + delayed ACK add 40 ms to every response.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="ppolm-serve")

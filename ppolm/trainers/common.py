@@ -1,0 +1,246 @@
+"""What SFT and reward-model training share: model set-up (dropout, LoRA, checkpointing of activations), the
+optimizer from the config, the step count, the held-out split, checkpoints with exact resume, the final export
+and the step loop itself.
+
+A checkpoint of these trainers (checkpoint-N/, written crash-safely by CheckpointManager) holds:
+  trainable.safetensors  the trainable parameters only (all weights, or LoRA adapters + a reward head)
+  optimizer.*            AdamW state (safetensors + json, no pickle); scheduler.* likewise
+  rng.*                  python / numpy / torch RNG states
+  trainer_state.json     step, optimizer counters, config and data fingerprints, process count
+Frozen weights are not saved: they are rebuilt from the source model, which the config fingerprint pins.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import torch
+from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ppolm.checkpoint import CheckpointManager
+from ppolm.config import LoraConfig, OptimConfig
+from ppolm.errors import CheckpointError
+from ppolm.logger import MetricsLogger
+from ppolm.models.policy import apply_lora, disable_dropout
+from ppolm.runtime import Runtime
+from ppolm.state_io import (
+    load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json, save_optimizer_state,
+    save_rng_state, save_scheduler_state,
+)
+from ppolm.trainers.ppo_state import config_fingerprint
+from ppolm.update import Optimization
+
+T = TypeVar("T")
+
+# Config keys that may change between a run and its resume without changing what is computed (on top of
+# ppo_state.VOLATILE_KEYS, which config_fingerprint already skips).
+EXTRA_VOLATILE_KEYS = ("eval_every", "eval_batch_size")
+
+
+def prepare_model(
+    model: PreTrainedModel, lora: LoraConfig, *, task_type: str, gradient_checkpointing: bool
+) -> PreTrainedModel:
+    """Dropout off (so accumulation and resume are exact), optional activation checkpointing, optional LoRA.
+
+    task_type 'CAUSAL_LM' (SFT) or 'SEQ_CLS' (reward model: peft then also trains the new `score` head in full,
+    which a LoRA on a randomly initialized head could not do well).
+    """
+    disable_dropout(model)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if not lora.enabled:
+        return model
+    if task_type == "CAUSAL_LM":
+        return apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                         target_modules=lora.target_modules, task_type=task_type)
+    return get_peft_model(model, cfg)
+
+
+def is_lora(model: nn.Module) -> bool:
+    """True for a peft-wrapped model."""
+    return hasattr(model, "disable_adapter")
+
+
+def make_optimization(model: nn.Module, runtime: Runtime, optim: OptimConfig, total_steps: int) -> Optimization:
+    """The shared optimizer step over the trainable parameters of `model`, configured from `optim`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Optimization(
+        model, runtime, param_groups=[{"params": params, "lr": optim.lr}], betas=optim.betas, eps=optim.eps,
+        weight_decay=optim.weight_decay, warmup_steps=optim.warmup_steps, total_steps=total_steps,
+        schedule=optim.schedule, max_grad_norm=optim.max_grad_norm, max_nonfinite_steps=optim.max_nonfinite_steps,
+    )
+
+
+def total_steps(max_steps: int, epochs: float | None, n_rows: int, global_batch: int) -> int:
+    """Optimizer steps of the run: max_steps, or ceil(epochs x n_rows / global_batch) when epochs is set."""
+    if epochs is None:
+        return max_steps
+    return max(1, math.ceil(epochs * n_rows / global_batch))
+
+
+def split_held_out(rows: list[T], eval_fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """(train, held_out) after a seeded shuffle: round(eval_fraction x n) rows are held out (at least 1 when
+    the fraction is positive and there are 2+ rows, never all). Both keep the file order."""
+    order = list(range(len(rows)))
+    random.Random(seed * 104729 + 3).shuffle(order)
+    n_eval = 0
+    if eval_fraction > 0 and len(rows) > 1:
+        n_eval = min(len(rows) - 1, max(1, round(eval_fraction * len(rows))))
+    return [rows[i] for i in sorted(order[n_eval:])], [rows[i] for i in sorted(order[:n_eval])]
+
+
+def run_fingerprint(config: BaseModel) -> dict:
+    """config_fingerprint without the keys that only change logging/evaluation cadence."""
+    return {k: v for k, v in config_fingerprint(config).items() if k not in EXTRA_VOLATILE_KEYS}
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the parameters that train (tied weights appear once: named_parameters dedups them)."""
+    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Copy `state` into the trainable parameters of `model`; every trainable one must be present."""
+    wanted = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(wanted - set(state)), sorted(set(state) - wanted)
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: weights do not match the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+class RunCheckpointer:
+    """Save / resume of an SFT or reward-model run (see the module docstring for the layout)."""
+
+    def __init__(self, runtime: Runtime, config: Any, model: nn.Module, optim: Optimization, data_fp: str):
+        self.runtime, self.cfg, self.model, self.optim, self.data_fp = runtime, config, model, optim, data_fp
+        self.manager = CheckpointManager(config.output_dir, keep=config.checkpoint.keep)
+
+    def _write(self, step: int, out: Path) -> None:
+        save_file(trainable_state(self.model), str(out / "trainable.safetensors"))
+        save_optimizer_state(self.optim.optimizer, out / "optimizer")
+        save_scheduler_state(self.optim.scheduler, out / "scheduler")
+        save_rng_state(out / "rng")
+        save_json(out / "trainer_state.json", {
+            "step": step, "optimization": self.optim.state_dict(), "world_size": self.runtime.world_size,
+            "config": run_fingerprint(self.cfg), "data": self.data_fp,
+        })
+
+    def save(self, step: int) -> Path | None:
+        """Main process writes checkpoint-`step`; every process waits for it."""
+        path = None
+        if self.runtime.is_main:
+            path = self.manager.save(step, lambda out: self._write(step, out))
+        self.runtime.wait()
+        return path
+
+    def maybe_resume(self) -> int:
+        """Load the latest valid checkpoint; returns the step to continue from (0 when none)."""
+        log = print if self.runtime.is_main else (lambda _msg: None)
+        path = self.manager.latest_valid(log=log)
+        if path is None:
+            return 0
+        state = load_json(path / "trainer_state.json")
+        self._check_same_run(state, path)
+        load_trainable_state(self.model, load_file(str(path / "trainable.safetensors")), path)
+        load_optimizer_state(self.optim.optimizer, path / "optimizer")
+        load_scheduler_state(self.optim.scheduler, path / "scheduler")
+        load_rng_state(path / "rng")
+        self.optim.load_state_dict(state["optimization"])
+        log(f"resumed from {path.name} (step {state['step']})")
+        return int(state["step"])
+
+    def _check_same_run(self, state: dict, path: Path) -> None:
+        old, new = state.get("config", {}), run_fingerprint(self.cfg)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        problems = []
+        if changed:
+            problems.append("config changed: " + ", ".join(
+                f"{k} ({json.dumps(old.get(k))} -> {json.dumps(new.get(k))})" for k in changed[:5]))
+        if state.get("data") != self.data_fp:
+            problems.append("training data changed")
+        if state.get("world_size", self.runtime.world_size) != self.runtime.world_size:
+            problems.append(f"process count changed ({state['world_size']} -> {self.runtime.world_size})")
+        if not problems:
+            return
+        msg = f"cannot resume from {path}: " + "; ".join(problems)
+        if not self.cfg.allow_changed_resume:
+            raise CheckpointError(msg + " (set allow_changed_resume=true to resume anyway)")
+        if self.runtime.is_main:
+            print("warning: " + msg.replace("cannot resume", "resuming"))
+
+
+def export_model(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: str | Path, extra: dict[str, dict] | None = None
+) -> Path:
+    """A plain HF model directory at `out`: LoRA merged into a copy (the trained model is left as it is),
+    safetensors weights, the tokenizer, and each `extra` {file name: JSON object} next to them."""
+    out = Path(out)
+    if is_lora(model):
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    for name, obj in (extra or {}).items():
+        save_json(out / name, obj)
+    return out
+
+
+class LoopTrainer(Protocol):
+    """What `train_loop` drives: a trainer with numbered steps, an evaluation and a checkpointer."""
+
+    cfg: Any
+    runtime: Runtime
+    start_step: int
+    total_steps: int
+    checkpointer: RunCheckpointer
+
+    def step(self, step: int) -> dict[str, float]: ...
+    def evaluate(self) -> dict[str, float]: ...
+    def export_final(self) -> Path | None: ...
+
+
+def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...]) -> dict[str, float]:
+    """Steps start_step .. total_steps: step, evaluate every cfg.eval_every steps and at the end, log,
+    checkpoint every cfg.checkpoint.every steps and at the end, then export output_dir/final.
+    Returns the last step's metrics (with the final evaluation)."""
+    cfg = t.cfg
+    logger = MetricsLogger(cfg.output_dir, enabled=t.runtime.is_main, total=t.total_steps, initial=t.start_step,
+                           tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, desc=desc)
+    last: dict[str, float] = {}
+    try:
+        for step in range(t.start_step, t.total_steps):
+            metrics = t.step(step)
+            done = step + 1
+            if done == t.total_steps or (cfg.eval_every and done % cfg.eval_every == 0):
+                t0 = time.perf_counter()
+                metrics = {**metrics, **t.evaluate(), "time/eval_s": time.perf_counter() - t0}
+            last = metrics
+            if done % cfg.log.every == 0 or done == t.total_steps:
+                logger.log(done, metrics, headline)
+            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < t.total_steps:
+                t.checkpointer.save(done)
+        if t.start_step < t.total_steps:
+            t.checkpointer.save(t.total_steps)
+        else:  # resumed a finished run: nothing to train, but report where it stands
+            last = t.evaluate()
+        t.export_final()
+    finally:
+        logger.close()
+    return last
+

@@ -1,0 +1,140 @@
+"""End-to-end PPO on tiny models: learning, exact resume, LoRA reference, critic variants, processes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ppolm.config import PPORunConfig, load_config
+from ppolm.trainers.actor_critic import reference_logprobs
+from ppolm.trainers.ppo import PPOTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["log.progress=false", "log.tensorboard=false"]
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config(PPORunConfig, ROOT / "configs/tiny.yaml", [*QUIET, f"output_dir={tmp_path}", *overrides])
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_config_learns_within_a_minute(tmp_path):
+    start = time.perf_counter()
+    PPOTrainer(_cfg(tmp_path)).train()
+    elapsed = time.perf_counter() - start
+    rewards = [m["reward/mean"] for m in _metrics(tmp_path)]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.1, (first, last)
+    assert elapsed < 60
+    names = set(_metrics(tmp_path)[0])
+    documented = (ROOT / "docs/metrics.md").read_text()
+    for name in names - {"step"}:
+        assert f"`{name}`" in documented, f"{name} missing from docs/metrics.md"
+    final = tmp_path / "final"
+    assert (final / "model.safetensors").is_file() and (final / "ppolm_decoding.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(final) is not None
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def _resume_equal(tmp_path, *overrides):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ["max_steps=6", "checkpoint.every=3", "checkpoint.keep=null", "optim.schedule=linear",
+              "optim.warmup_steps=2", "reward.normalize=true", "kl.adaptive=true", "kl.target=1.0", *overrides]
+    PPOTrainer(_cfg(full, *common)).train()
+    part.mkdir()
+    shutil.copytree(full / "checkpoint-3", part / "checkpoint-3")
+    (part / "LATEST").write_text("checkpoint-3\n")
+    # a killed run leaves log lines past its last checkpoint: resume must drop them and write them anew
+    shutil.copy(full / "metrics.jsonl", part / "metrics.jsonl")
+    PPOTrainer(_cfg(part, *common, "resume=true")).train()
+    compared = 0
+    for name in ["policy/model.safetensors", "policy/adapter_model.safetensors", "critic.safetensors"]:
+        if (full / "checkpoint-6" / name).exists():
+            a, b = load_file(full / "checkpoint-6" / name), load_file(part / "checkpoint-6" / name)
+            assert a.keys() == b.keys()
+            assert all(torch.equal(a[k], b[k]) for k in a), name
+            compared += 1
+    assert compared == 2
+    # the resumed run's log reads as one uninterrupted run
+    assert [m["step"] for m in _metrics(part)] == [1, 2, 3, 4, 5, 6]
+    assert _metrics(part)[-1]["reward/mean"] == _metrics(full)[-1]["reward/mean"]
+
+
+def test_resume_is_exact(tmp_path):
+    _resume_equal(tmp_path)
+
+
+def test_resume_is_exact_lora_bf16_separate_critic(tmp_path):
+    _resume_equal(tmp_path, "lora.enabled=true", "lora.r=4", "precision=bf16", "critic.kind=separate",
+                  "ppo.grad_accum_steps=2")
+
+
+def test_lora_reference_is_base_with_adapters_disabled(tmp_path):
+    t = PPOTrainer(_cfg(tmp_path, "lora.enabled=true", "lora.r=4", "max_steps=2"))
+    assert t.reference is None  # no second copy of the weights
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    attn = torch.ones_like(ids)
+    before = reference_logprobs(t.actor, None, ids, attn, ids[:, -3:], None)
+    t.train()
+    after = reference_logprobs(t.actor, None, ids, attn, ids[:, -3:], None)
+    assert torch.equal(before, after)  # training moved only the adapters
+    policy_lp, _, _ = t.actor(ids, attn, ids[:, -3:])
+    assert not torch.allclose(policy_lp, after)
+
+
+def test_kl_off_skips_reference_model(tmp_path):
+    t = PPOTrainer(_cfg(tmp_path, "kl.coef=0", "max_steps=1"))
+    assert t.reference is None
+    out = t.step(0)
+    assert out.metrics["objective/kl"] == 0.0
+
+
+def test_cli_ppo_runs_and_rejects_bad_config(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run([sys.executable, "-m", "ppolm.cli", "ppo", "--config", "configs/tiny.yaml", *QUIET,
+                         "max_steps=2", f"output_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert len(_metrics(tmp_path)) == 2
+    bad = subprocess.run([sys.executable, "-m", "ppolm.cli", "ppo", "configs/tiny.yaml", "ppo.clip_epsilon=0.1"],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "clip_eps" in bad.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+    """Global batch 16: 2 processes x 8 rows vs 1 x 16, one minibatch per epoch (gloo on CPU).
+
+    Tolerance: summation order differs across processes, so weights agree to 1e-3 after 4 steps, not bitwise.
+    """
+    script = ROOT / "tests/scripts/ppo_tiny_run.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    common = ["max_steps=4", "ppo.epochs=2"]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561", str(script),
+         f"output_dir={tmp_path / 'two'}", "rollout.batch_size=8", "ppo.minibatch_size=8", "ppo.grad_accum_steps=2",
+         *common], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(script), f"output_dir={tmp_path / 'one'}", "rollout.batch_size=16",
+                          "ppo.minibatch_size=16", *common], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_file(tmp_path / "two/final/model.safetensors")
+    b = load_file(tmp_path / "one/final/model.safetensors")
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff < 1e-3, diff
+    ma, mb = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    for x, y in zip(ma, mb):
+        assert x["reward/mean"] == pytest.approx(y["reward/mean"], abs=1e-6)
+        assert x["loss/policy"] == pytest.approx(y["loss/policy"], rel=1e-3, abs=1e-5)
