@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 import torch
+from fastapi import FastAPI
 
 from ppolm.models import load_model, load_tokenizer
 from ppolm.serve import DecodingDefaults, ServeLimits, create_app, serve_in_background
@@ -50,7 +51,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-async def run_level(url: str, app, clients: int, requests: int, time_cap: float, body: dict) -> LevelResult:
+async def run_level(url: str, app: FastAPI, clients: int, requests: int, time_cap: float, body: dict) -> LevelResult:
     """Send `requests` completions from `clients` concurrent workers, stopping early at `time_cap` seconds."""
     stats = app.state.engine.stats
     batches0, rows0 = stats.batches, stats.rows
@@ -62,7 +63,7 @@ async def run_level(url: str, app, clients: int, requests: int, time_cap: float,
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=max(time_cap, 30.0), limits=limits) as client:
 
-        async def worker(i: int) -> None:
+        async def worker() -> None:
             nonlocal failed, tokens, issued
             while issued < requests and time.perf_counter() < deadline:
                 issued += 1
@@ -74,7 +75,7 @@ async def run_level(url: str, app, clients: int, requests: int, time_cap: float,
                 else:
                     failed += 1
 
-        await asyncio.gather(*(worker(i) for i in range(clients)))
+        await asyncio.gather(*(worker() for _ in range(clients)))
     seconds = time.perf_counter() - start
     return LevelResult(
         clients=clients,
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> list[LevelResult]:
             f"model={args.model} requests/level={args.requests} max_tokens={args.max_tokens} "
             f"torch_threads={torch.get_num_threads()} url={url}"
         )
-        print(f"{'clients':>7} {'ok':>4} {'fail':>4} {'req/s':>7} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'rows/batch':>10}")
+        header = ("clients", "ok", "fail", "req/s", "tok/s", "p50 ms", "p99 ms", "rows/batch")
+        print(" ".join(f"{h:>{w}}" for h, w in zip(header, (7, 4, 4, 7, 8, 8, 8, 10), strict=True)))
         for clients in levels:
             r = asyncio.run(run_level(url, app, clients, args.requests, args.time_cap, body))
             results.append(r)

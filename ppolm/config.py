@@ -28,6 +28,8 @@ class RolloutConfig(Section):
     """Prompts sampled per step on each process (global batch = batch_size x processes)."""
     max_new_tokens: int = Field(24, ge=1, le=4096)
     """Longest response in tokens; longer responses are cut and count as not ended."""
+    min_new_tokens: int = Field(0, ge=0)
+    """EOS is suppressed before this many tokens (0 = off)."""
     max_prompt_tokens: int = Field(256, ge=1)
     """Prompts longer than this (after the chat template) are dropped at load, with a count."""
     temperature: float = Field(1.0, ge=0.0, le=10.0)

@@ -35,6 +35,7 @@ def generate(
     uniforms: torch.Tensor,
     *,
     max_new_tokens: int,
+    min_new_tokens: int = 0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -71,7 +72,10 @@ def generate(
                 cache=cache, use_cache=True, logits_to_keep=1,
             )
             cache = out.cache
-            next_tokens = sample_tokens(out.logits[:, -1], uniforms[:, t].to(device), temperature, top_k, top_p)
+            logits = out.logits[:, -1]
+            if t < min_new_tokens:
+                logits = logits.float().index_fill(-1, eos, float("-inf"))
+            next_tokens = sample_tokens(logits, uniforms[:, t].to(device), temperature, top_k, top_p)
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
             tokens_out[:, t] = next_tokens
             mask_out[:, t] = (~finished).float()

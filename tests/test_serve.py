@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 from ppolm.errors import ConfigError
 from ppolm.models import load_model, load_tokenizer
@@ -19,6 +20,15 @@ from ppolm.serve import DecodingDefaults, Engine, SamplingParams, ServeLimits, c
 MODEL = "tiny-random-llama"
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a CPU shared with other jobs, two spinning OpenMP threads make each step ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -261,9 +271,12 @@ def test_decoding_defaults_apply_unless_overridden(tmp_path: Path, tokenizer):
         assert usage["prompt_tokens"] == len(tokenizer.encode(templated, add_special_tokens=False))
         over = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 6, "ignore_eos": True})
         assert over.json()["usage"]["completion_tokens"] == 6
-    (tmp_path / "ppolm_decoding.json").write_text('{"temperature": 5}')
-    with pytest.raises(ConfigError):
-        DecodingDefaults.from_dir(tmp_path)
+    (tmp_path / "ppolm_decoding.json").write_text('{"stop": "###"}')
+    assert DecodingDefaults.from_dir(tmp_path).stop == ("###",)
+    for bad in ('{"temperature": 5}', '{"stop": [1]}', '{"colour": 1}', "[1]", "{", '{"system_prompt": 3}'):
+        (tmp_path / "ppolm_decoding.json").write_text(bad)
+        with pytest.raises(ConfigError):
+            DecodingDefaults.from_dir(tmp_path)
     assert DecodingDefaults.from_dir(tmp_path / "missing") == DecodingDefaults()
 
 

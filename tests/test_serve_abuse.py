@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+import torch
 
 from ppolm.models import load_model, load_tokenizer
 from ppolm.serve import DecodingDefaults, ServeLimits, create_app, serve_in_background
@@ -95,7 +96,8 @@ def build_corpus() -> list[Case]:
             c.append(raw(f"{tag} bad json {text!r}", path, text))
         c.append(raw(f"{tag} 5000-digit int", path, json.dumps(base)[:-1] + ', "seed": ' + "9" * 5000 + "}"))
         for bad in (b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xe2\x82", b"caf\xe9"):
-            c.append(raw(f"{tag} bad utf-8 {bad!r}", path, b'{"model": "' + MODEL.encode() + b'", "x": "' + bad + b'"}'))
+            body = b'{"model": "' + MODEL.encode() + b'", "prompt": "' + bad + b'"}'
+            c.append(raw(f"{tag} bad utf-8 {bad!r}", path, body))
         c.append(raw(f"{tag} lone surrogate", path, json.dumps(base)[:-1] + ', "user": "\\ud800"}'))
         for depth in (17, 100, 5_000, 30_000):
             c.append(raw(f"{tag} nested {depth}", path, nested(depth)))
@@ -145,6 +147,15 @@ def build_corpus() -> list[Case]:
     ):
         c.append(Case(f"{method} {path}", path, b"{}" if method == "POST" else None, method=method, expect=expect))
     return c
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a CPU shared with other jobs, two spinning OpenMP threads make each step ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +236,11 @@ def test_too_many_concurrent_requests_get_429():
             assert client.get("/health").status_code == 200  # health is never limited
             assert [line for line in lines if line][-1] == "data: [DONE]"
         assert client.post("/v1/completions", json=body).status_code == 200  # the slot is free again
+        # A client that leaves mid-stream frees its slot at once and its row stops generating.
+        tokens0 = app.state.engine.stats.tokens
+        with client.stream("POST", "/v1/completions", json={**body, "max_tokens": 200, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+        time.sleep(0.2)
+        assert client.post("/v1/completions", json=body).status_code == 200
+        assert app.state.engine.stats.tokens - tokens0 < 200

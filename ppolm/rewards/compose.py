@@ -63,8 +63,9 @@ def reward_model_scores(
     head = getattr(model, "score", None)
     if head is not None:
         hidden = out.hidden_states[-1][torch.arange(ids.shape[0], device=device), last]
+        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
         with torch.autocast(device.type, enabled=False):
-            return head(hidden.float()).float()[:, 0]
+            return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)[:, 0]
     return out.logits.float()[:, 0]
 
 

@@ -64,14 +64,27 @@ class DecodingDefaults:
                 top_p=float(raw.get("top_p", base.top_p)),
                 top_k=int(raw.get("top_k", base.top_k)),
                 max_new_tokens=int(raw.get("max_new_tokens", base.max_new_tokens)),
-                stop=tuple(str(s) for s in (raw.get("stop") or ())),
+                stop=_stop_tuple(raw.get("stop")),
                 system_prompt=raw.get("system_prompt"),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{file}: {exc}") from None
+        if out.system_prompt is not None and not isinstance(out.system_prompt, str):
+            raise ConfigError(f"{file}: system_prompt must be a string or null")
         if not (0 <= out.temperature <= 2 and 0 < out.top_p <= 1 and out.top_k >= 0 and out.max_new_tokens > 0):
             raise ConfigError(f"{file}: a value is out of range: {out}")
         return out
+
+
+def _stop_tuple(value: object) -> tuple[str, ...]:
+    # A lone string is one stop sequence, not a sequence of one-character stops.
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(s, str) and s for s in value):
+        return tuple(value)
+    raise ValueError(f"stop must be a string or a list of non-empty strings, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ class ServeLimits:
     max_messages: int = 256
     """Most messages in one chat request."""
     max_json_depth: int = 16
-    """Deepest nesting of arrays/objects in a request body (the deepest valid request, chat with content parts, needs 5)."""
+    """Deepest nesting of arrays/objects in a request body (a chat request with content parts needs 5)."""
     max_batch_size: int = 8
     """Most requests the engine runs in one model batch."""
     batch_wait_ms: float = 5.0
@@ -262,8 +262,8 @@ def _check_tree(value: Any, max_depth: int) -> None:
             raise ApiError(400, "numbers must be finite", code="invalid_json")
 
 
-def _error_response(status: int, message: str, *, code: str, type: str = "invalid_request_error") -> list[Message]:  # noqa: A002
-    body = json.dumps(ApiError(status, message, code=code, type=type).body()).encode()
+def _error_response(status: int, message: str, *, code: str, kind: str = "invalid_request_error") -> list[Message]:
+    body = json.dumps(ApiError(status, message, code=code, type=kind).body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
@@ -303,7 +303,7 @@ class LimitsMiddleware:
         guarded = scope.get("method") == "POST" and path in GENERATION_PATHS
         if guarded and self.in_flight >= self.limits.max_concurrent_requests:
             msg = f"too many concurrent requests (limit {self.limits.max_concurrent_requests}); retry later"
-            await _send_all(send, _error_response(429, msg, code="rate_limit_exceeded", type="rate_limit_error"))
+            await _send_all(send, _error_response(429, msg, code="rate_limit_exceeded", kind="rate_limit_error"))
             return
         if guarded:
             self.in_flight += 1

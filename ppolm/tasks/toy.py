@@ -18,6 +18,8 @@ class ToyOptions(TaskOptions):
     """Characters that earn reward."""
     n_prompts: int = 64
     """How many synthetic prompts to generate."""
+    prompt_words: int = 3
+    """Words per synthetic prompt (benchmarks use longer prompts)."""
 
 
 def char_fraction_reward(prompts: Sequence[str], completions: Sequence[str], *, chars: str = "a", **_: Any) -> list[float]:
@@ -34,7 +36,7 @@ class ToyTask(Task):
         rng = random.Random(1234)
         words = ["sun", "tree", "river", "stone", "cloud", "bird", "road", "lamp"]
         return [
-            Example(prompt=" ".join(rng.choice(words) for _ in range(3)), source="toy", line=i + 1)
+            Example(prompt=" ".join(rng.choice(words) for _ in range(self.options.prompt_words)), source="toy", line=i + 1)
             for i in range(self.options.n_prompts)
         ]
 

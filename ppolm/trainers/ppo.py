@@ -124,7 +124,8 @@ class PPOTrainer:
         policy.eval()
         out = generate(
             policy, self.tokenizer, ids.to(self.runtime.device), mask.to(self.runtime.device), uniforms,
-            max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+            max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
+            top_k=r.top_k, top_p=r.top_p,
             stop=r.stop, autocast_dtype=self.amp, prompts=[self.prompts.texts[i] for i in idx],
         )
         policy.train(was_training)

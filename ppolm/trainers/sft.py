@@ -222,6 +222,7 @@ class SFTTrainer:
     def __init__(self, config: SFTRunConfig, task: Task | None = None, runtime: Runtime | None = None):
         self.cfg = cfg = config
         self.task = task or build_task(cfg.task.name, cfg.task.options)  # options validated before any model loads
+        self.task_name = cfg.task.name if task is None else task.name
         self.runtime = runtime or Runtime()
         self.amp = autocast_dtype(cfg.precision, self.runtime.device)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -315,7 +316,7 @@ class SFTTrainer:
             d = self.task.decoding
             decoding = {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
                         "max_new_tokens": d.max_new_tokens, "stop": list(d.stop),
-                        "system_prompt": self.task.system_prompt, "task": self.cfg.task.name}
+                        "system_prompt": self.task.system_prompt, "task": self.task_name}
             out = export_model(self.scorer.lm, self.tokenizer, Path(self.cfg.output_dir) / "final",
                                {"ppolm_decoding.json": decoding})
         self.runtime.wait()

@@ -1,0 +1,200 @@
+"""Evaluation runs: generate for every example of a task, score, and write metrics and predictions.
+
+``evaluate`` decodes the task's prompts in batches with ``ppolm.rollout.generate`` (greedy by default:
+temperature 0 from the task's ``Decoding``), then asks the task for its metrics. Two optional task hooks
+add model-based scores:
+
+* ``task.label_words(examples)`` (classification): each label word is scored as the answer
+  (``ppolm.eval.labels``), giving label probabilities (B, C) -> ROC-AUC and ``prob_accuracy``;
+* ``task.needs_reference_scores`` (generation): per sequence, KL(pi || pi_ref) summed over the generated
+  tokens with the full next-token distributions, and the reference model's NLL of the completion -> KL mean
+  and perplexity. Without a reference model the evaluated model is its own reference (KL = 0).
+
+``eval_command`` / ``generate_command`` are the ``ppolm eval`` / ``ppolm generate`` subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ppolm.data.collate import apply_chat_template, left_pad_collate
+from ppolm.eval.labels import label_logprobs, label_probabilities
+from ppolm.models.policy import autocast_ctx, lm_logits_fp32, response_hidden
+from ppolm.rollout import generate
+from ppolm.sampling import row_uniforms
+from ppolm.tasks.base import Decoding, Example, Task
+from ppolm.types import Rollout
+
+
+@dataclass
+class EvalResult:
+    """metrics: the task's metrics plus run facts (n, seconds, tokens); predictions: one dict per example
+    (prompt, completion, reference, reward, scores, source, line), in the order of the examples."""
+
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]]
+
+
+@torch.no_grad()
+def sequence_kl_and_nll(
+    model: PreTrainedModel, reference: PreTrainedModel | None, rollout: Rollout, autocast: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sequence: KL along the generated path, the reference's NLL of the completion, token count.
+
+    KL_b = sum_t m_bt * sum_v pi(v | s_bt) (log pi(v | s_bt) - log pi_ref(v | s_bt))   (exact per-token KL,
+    not the sampled log-ratio, so it is meaningful for greedy decoding too);
+    NLL_b = -sum_t m_bt log pi_ref(y_bt | s_bt); tokens_b = sum_t m_bt.  All (B,) fp32.
+    ``reference=None`` means the model is its own reference: KL = 0 and NLL under the model.
+    """
+    ids, attn, resp, mask = rollout.input_ids, rollout.attention_mask, rollout.response_ids, rollout.response_mask
+    R = resp.shape[1]
+
+    def logprobs(m: PreTrainedModel) -> torch.Tensor:
+        with autocast_ctx(autocast, ids.device):
+            hidden = response_hidden(m, ids, attn, R)
+        return torch.log_softmax(lm_logits_fp32(m, hidden), dim=-1)  # (B, R, V)
+
+    logp = logprobs(model)
+    ref = logp if reference is None else logprobs(reference)
+    kl = (logp.exp() * (logp - ref)).sum(-1) if reference is not None else torch.zeros_like(mask)
+    nll = -ref.gather(-1, resp.unsqueeze(-1)).squeeze(-1)
+    return (kl * mask).sum(-1).cpu(), (nll * mask).sum(-1).cpu(), mask.sum(-1).cpu()
+
+
+def task_rewards(task: Task, prompts: list[str], completions: list[str], examples: Sequence[Example]) -> list[float]:
+    """sum_k w_k r_k(prompts, completions, **row fields) over the task's weighted reward functions, (B,)."""
+    rows = task.row_fields(examples)
+    total = [0.0] * len(completions)
+    for fn, weight in task.reward_functions():
+        for i, value in enumerate(fn(prompts, completions, **rows)):
+            total[i] += weight * float(value)
+    return total
+
+
+@dataclass
+class Completions:
+    """Decoded completions of B prompts in input order: text, ended (EOS or stop string), response tokens;
+    with reference scores also per-sequence KL, reference NLL and token counts (see sequence_kl_and_nll)."""
+
+    texts: list[str]
+    ended: list[bool]
+    lengths: list[int]
+    kls: list[float] | None = None
+    ref_nll: list[float] | None = None
+    ref_tokens: list[int] | None = None
+
+
+def complete(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[list[int]],
+    decoding: Decoding,
+    *,
+    batch_size: int = 8,
+    autocast: torch.dtype | None = None,
+    seed: int = 0,
+    reference_scores: bool = False,
+    reference_model: PreTrainedModel | None = None,
+) -> Completions:
+    """Decode every prompt (token id lists, chat template already applied) with ``decoding``.
+
+    Batches hold prompts of similar length (less left padding); row i's sampling noise comes from
+    ``row_uniforms(seed, 0, [i])``, so a completion does not depend on the batch split.
+    """
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    n = len(prompt_ids)
+    order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
+    res = Completions([""] * n, [False] * n, [0] * n)
+    if reference_scores:
+        res.kls, res.ref_nll, res.ref_tokens = [0.0] * n, [0.0] * n, [0] * n
+    model.eval()
+    for lo in range(0, n, batch_size):
+        idx = order[lo: lo + batch_size]
+        x, m = left_pad_collate([list(prompt_ids[i]) for i in idx], pad)
+        out = generate(
+            model, tokenizer, x.to(device), m.to(device), row_uniforms(seed, 0, idx, decoding.max_new_tokens),
+            max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature, top_k=decoding.top_k,
+            top_p=decoding.top_p, stop=list(decoding.stop), autocast_dtype=autocast,
+        )
+        for j, i in enumerate(idx):
+            res.texts[i], res.ended[i], res.lengths[i] = out.completions[j], bool(out.ended[j]), int(out.response_mask[j].sum())
+        if reference_scores:
+            kl, nll, tok = sequence_kl_and_nll(model, reference_model, out, autocast)
+            for j, i in enumerate(idx):
+                res.kls[i], res.ref_nll[i], res.ref_tokens[i] = float(kl[j]), float(nll[j]), int(tok[j])
+    return res
+
+
+def evaluate(
+    task: Task,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 8,
+    decoding: Decoding | None = None,
+    autocast: torch.dtype | None = None,
+    reference_model: PreTrainedModel | None = None,
+    seed: int = 0,
+) -> EvalResult:
+    """Generate a completion per example (chat template + ``task.system_prompt``) and compute metrics.
+
+    Reward = the task's weighted reward functions on the templated prompts, as PPO computes it. Metrics
+    add n, eos_rate, response_tokens_mean and seconds (wall time of the whole evaluation).
+    """
+    if not examples:
+        raise ValueError("evaluate needs at least one example")
+    t0 = time.perf_counter()
+    texts = [apply_chat_template(tokenizer, ex.prompt, task.system_prompt) for ex in examples]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    want_ref = bool(getattr(task, "needs_reference_scores", False))
+    gen = complete(model, tokenizer, ids, decoding or task.decoding, batch_size=batch_size, autocast=autocast,
+                   seed=seed, reference_scores=want_ref, reference_model=reference_model)
+    n, completions = len(examples), gen.texts
+    extra: dict[str, Any] = {}
+    label_words = getattr(task, "label_words", None)
+    words = label_words(examples) if callable(label_words) else None
+    if words:
+        order = sorted(range(n), key=lambda i: len(ids[i]))  # similar lengths side by side: less padding
+        lp = label_logprobs(model, tokenizer, [ids[i] for i in order], words, batch_size=batch_size,
+                            autocast_dtype=autocast)
+        probs = torch.empty_like(lp)
+        probs[torch.tensor(order)] = label_probabilities(lp)
+        extra["label_probs"] = probs.tolist()
+    rewards = task_rewards(task, texts, completions, examples)
+    if want_ref:
+        extra.update(kls=gen.kls, ref_nll=gen.ref_nll, ref_tokens=gen.ref_tokens, rewards=rewards)
+    metrics = dict(task.metrics(examples, completions, **extra))
+    metrics.setdefault("reward_mean", sum(rewards) / n)
+    metrics.update(n=n, eos_rate=sum(gen.ended) / n, response_tokens_mean=sum(gen.lengths) / n,
+                   seconds=time.perf_counter() - t0)
+    scores_fn = getattr(task, "example_scores", None)
+    per_example = scores_fn(examples, completions, **extra) if callable(scores_fn) else [{}] * n
+    predictions = [
+        {"prompt": ex.prompt, "completion": c, "reference": ex.reference, "reward": r, "scores": s,
+         "source": ex.source, "line": ex.line}
+        for ex, c, r, s in zip(examples, completions, rewards, per_example)
+    ]
+    return EvalResult(metrics, predictions)
+
+
+def spread(items: Sequence[Any], limit: int | None) -> list[Any]:
+    """At most ``limit`` items evenly spaced over ``items`` (index floor(k * n / limit)), in order.
+
+    Data files are often sorted by class (IMDB: all negatives first) or by length (Tatoeba), so the first
+    N rows would be a biased sample; an even spread is deterministic and covers the whole file.
+    """
+    n = len(items)
+    if limit is None or limit >= n:
+        return list(items)
+    return [items[k * n // limit] for k in range(limit)]
