@@ -132,6 +132,14 @@ def _run_models() -> int:
     return 0
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    from ppolm.serve import ServeLimits, run_server
+
+    limits = ServeLimits(max_concurrent_requests=args.max_concurrent) if args.max_concurrent else ServeLimits()
+    run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+    return 0
+
+
 def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command in CONFIG_COMMANDS:
         return _run_config_command(args)
@@ -146,7 +154,7 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "generate":
         return _load("ppolm.eval.run:generate_command")(args)
     if args.command == "serve":
-        return _load("ppolm.serve:serve_command")(args)
+        return _run_serve(args)
     parser.print_help()
     return 0
 

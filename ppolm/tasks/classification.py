@@ -171,8 +171,12 @@ class ClassificationTask(Task):
     def reward_functions(self) -> list[tuple[RewardFn, float]]:
         credit = self.options.partial_credit
 
-        def reward(prompts, completions, **fields):
-            return classification_reward(prompts, completions, partial_credit=credit, **fields)
+        def reward(prompts, completions, *, label, labels_all=None, **fields):
+            # Row fields hold one label list per row; classification_reward wants the label set once.
+            if labels_all and isinstance(labels_all[0], (list, tuple)):
+                labels_all = list(dict.fromkeys(w for row in labels_all for w in row))
+            return classification_reward(prompts, completions, label=label, labels_all=labels_all,
+                                         partial_credit=credit)
 
         return [(reward, 1.0)]
 
@@ -190,7 +194,7 @@ class ClassificationTask(Task):
         probs = extra.get("label_probs")
         out = classification_metrics(gold, pred, labels, scores=probs)
         rewards = self.reward_functions()[0][0]([ex.prompt for ex in examples], list(completions),
-                                                label=gold, labels_all=labels)
+                                                **self.row_fields(examples))
         out["reward_mean"] = sum(rewards) / len(rewards) if rewards else None
         if probs is not None and len(gold):
             best = [labels[max(range(len(labels)), key=row.__getitem__)] for row in probs]

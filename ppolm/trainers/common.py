@@ -229,7 +229,8 @@ def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...]) -> dict[str
             done = step + 1
             if done == t.total_steps or (cfg.eval_every and done % cfg.eval_every == 0):
                 t0 = time.perf_counter()
-                metrics = {**metrics, **t.evaluate(), "time/eval_s": time.perf_counter() - t0}
+                # evaluation first: the CLI prints the first few metrics of the result as its headline
+                metrics = {**t.evaluate(), **metrics, "time/eval_s": time.perf_counter() - t0}
             last = metrics
             if done % cfg.log.every == 0 or done == t.total_steps:
                 logger.log(done, metrics, headline)
