@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from ppolm.config import load_config
 from ppolm.errors import DataError
 from ppolm.models import load_model, load_tokenizer
-from ppolm.ops import logprobs_from_logits
 from ppolm.tasks.base import Decoding, Example, Task
 from ppolm.trainers.sft import (
     SFTRunConfig, SFTTrainer, collate_sft, read_chat, tokenize_chat, tokenize_example, train_sft,

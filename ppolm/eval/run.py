@@ -204,7 +204,7 @@ def spread(items: Sequence[Any], limit: int | None) -> list[Any]:
 
 
 def parse_options(items: Sequence[str]) -> dict[str, Any]:
-    """``["label_names={1: World}", "max_words=100"]`` -> dict; values are YAML (numbers, lists, dicts)."""
+    """``["label_names={1: World}", "max_words=100"]`` -> dict; values are YAML scalars, {...} or [...]."""
     import yaml
 
     from ppolm.errors import ConfigError
@@ -214,10 +214,20 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
+        raw = value.strip()
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+            parsed = yaml.safe_load(raw) if raw else None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--option {key}: value is not valid YAML ({str(exc).splitlines()[0]})") from None
+            if raw.startswith(("{", "[")):
+                raise ConfigError(f"--option {key}: value is not valid YAML ({str(exc).splitlines()[0]})") from None
+            parsed = value
+        # Only an explicit {...} / [...] makes a mapping or list ("Entities: {text}" stays a string), and
+        # only true/false make a boolean (YAML 1.1 would turn "yes"/"on" into True).
+        if isinstance(parsed, (dict, list)) and not raw.startswith(("{", "[")):
+            parsed = value
+        if isinstance(parsed, bool) and raw.lower() not in ("true", "false"):
+            parsed = value
+        out[key.strip()] = parsed
     return out
 
 

@@ -42,7 +42,9 @@ def language(value: str) -> tuple[str, str | None]:
     if code is not None:
         return LANGUAGES[code], code
     by_name = {name.lower(): c for c, name in LANGUAGES.items()}
-    return value.strip(), by_name.get(key) or ALIASES.get(key)
+    if key in by_name:
+        return LANGUAGES[by_name[key]], by_name[key]
+    return value.strip(), ALIASES.get(key)
 
 
 class TranslationOptions(TaskOptions):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +29,7 @@ from ppolm.rewards.compose import RewardFn, Scorer, resolve_reward_function
 from ppolm.rollout import generate
 from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.sampling import row_uniforms
-from ppolm.tasks import build_task
+from ppolm.tasks import Task, build_task
 from ppolm.trainers.actor_critic import ActorCritic, build_actor_critic, param_groups, reference_logprobs
 from ppolm.trainers.ppo_state import PPOCheckpointer
 from ppolm.trainers.prompts import build_prompts, step_rows
@@ -50,9 +49,10 @@ class PPOTrainer:
     """Owns the models, optimizer and data of one PPO run. `train()` runs it; `step(s)` runs one step."""
 
     def __init__(self, config: PPORunConfig, reward_fn: RewardFn | list[RewardFn] | None = None,
-                 runtime: Runtime | None = None):
+                 runtime: Runtime | None = None, task: Task | None = None):
         self.cfg = cfg = config
-        self.task = build_task(cfg.task.name, cfg.task.options)  # options validated before any model loads
+        # options validated before any model loads; a Task object (the pipeline's train split) overrides the name
+        self.task = task or build_task(cfg.task.name, cfg.task.options)
         extra_fns = [resolve_reward_function(f.name, f.kwargs) for f in cfg.reward.functions]
         self.runtime = runtime or Runtime()
         self.amp = autocast_dtype(cfg.precision, self.runtime.device)
@@ -295,9 +295,9 @@ class PPOTrainer:
         return last
 
 
-def train_ppo(config: PPORunConfig, reward_fn: RewardFn | list[RewardFn] | None = None) -> dict[str, float]:
-    """Python API: run PPO with `config`; optional extra reward function(s) (prompts, completions, **fields)."""
-    return PPOTrainer(config, reward_fn=reward_fn).train()
+def train_ppo(config: PPORunConfig, reward_fn: RewardFn | list[RewardFn] | None = None,
+              task: Task | None = None) -> dict[str, float]:
+    """Python API: run PPO with `config`; optional extra reward function(s) (prompts, completions, **fields)
+    and an optional Task object used instead of config.task.name."""
+    return PPOTrainer(config, reward_fn=reward_fn, task=task).train()
 
-
-Callback = Callable[[int, dict[str, float]], None]

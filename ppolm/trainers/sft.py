@@ -100,6 +100,8 @@ def tokenize_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], wher
     """Render the conversation prefix by prefix and tokenize each new piece: an assistant turn is trained through
     its first EOS (template text after it, e.g. a newline, is context); everything else, including the
     generation prompt that opens an assistant turn, is context. Turns after the last assistant one are dropped."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(where[0], where[1], "messages", "chat conversations need a tokenizer with a chat template")
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     ids: list[int] = []
     mask: list[int] = []

@@ -1,0 +1,194 @@
+"""The pipeline's report: report.html (one self-contained file, images inline) and report.md.
+
+Training curves, ROC curves with AUC and confusion matrices (classification), a table of task metrics for
+base / SFT / PPO side by side with the wall time each took, and sample outputs before and after.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers or CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+CURVES = [("reward/mean", "reward"), ("objective/kl", "KL to reference"), ("policy/entropy", "entropy"),
+          ("response/length_mean", "response length"), ("loss/value", "value loss")]
+HEADLINE_METRICS = ["accuracy", "f1_macro", "roc_auc", "f1", "micro_f1", "bleu", "chrf", "ter", "reward_mean",
+                    "kl_mean", "distinct_2", "perplexity", "invalid_rate"]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def training_curves(candidates) -> bytes | None:
+    """One panel per PPO curve (every PPO run overlaid) plus the SFT loss."""
+    ppo_runs = [(c.name, _read_jsonl(Path(c.run_dir) / "metrics.jsonl")) for c in candidates
+                if c.run_dir and c.name.startswith("ppo")]
+    sft_runs = [(c.name, _read_jsonl(Path(c.run_dir) / "metrics.jsonl")) for c in candidates
+                if c.run_dir and c.name == "sft"]
+    panels = [(k, t) for k, t in CURVES if any(k in r for _, rows in ppo_runs for r in rows)]
+    has_sft = any(rows for _, rows in sft_runs)
+    n = len(panels) + int(has_sft)
+    if n == 0:
+        return None
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for name, rows in ppo_runs:
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=name)
+        ax.set_title(f"PPO {title}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    if len(ppo_runs) > 1:
+        axes[0][0].legend(fontsize=7)
+    if has_sft:
+        ax = axes[0][-1]
+        for name, rows in sft_runs:
+            pts = [(r["step"], r["loss/sft"]) for r in rows if r.get("loss/sft") is not None]
+            if pts:
+                ax.plot(*zip(*pts), color="tab:green")
+        ax.set_title("SFT loss", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def roc_figure(candidates) -> bytes | None:
+    """ROC curves of every stage (one panel per stage, one line per class) with their AUC."""
+    stages = [c for c in candidates if c.metrics.get("roc_curves")]
+    if not stages:
+        return None
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.4 * len(stages), 3.2), squeeze=False)
+    for ax, c in zip(axes[0], stages):
+        per_class = c.metrics.get("roc_auc_per_class") or {}
+        for label, curve in c.metrics["roc_curves"].items():
+            if curve:
+                auc = per_class.get(label)
+                ax.plot(curve["fpr"], curve["tpr"], label=f"{label} (AUC {auc:.3f})" if auc is not None else label)
+        ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+        auc = c.metrics.get("roc_auc")
+        ax.set_title(f"{c.name}: ROC-AUC {auc:.3f}" if isinstance(auc, float) else c.name, fontsize=9)
+        ax.set_xlabel("false positive rate", fontsize=8)
+        ax.set_ylabel("true positive rate", fontsize=8)
+        ax.legend(fontsize=6, loc="lower right")
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def confusion_figure(candidates) -> bytes | None:
+    stages = [c for c in candidates if c.metrics.get("confusion_matrix")]
+    if not stages:
+        return None
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.0 * len(stages), 3.0), squeeze=False)
+    for ax, c in zip(axes[0], stages):
+        cm, labels = c.metrics["confusion_matrix"], c.metrics.get("labels") or []
+        ax.imshow(cm, cmap="Blues")
+        for i, row in enumerate(cm):
+            for j, v in enumerate(row):
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_title(f"{c.name} (rows: true)", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+def metrics_table(candidates) -> tuple[list[str], list[list[str]]]:
+    keys = [k for k in HEADLINE_METRICS if any(isinstance(c.metrics.get(k), (int, float)) for c in candidates)]
+    header = ["stage", *keys, "train s", "eval s"]
+    rows = [[c.name, *[_fmt(c.metrics.get(k)) for k in keys], f"{c.train_seconds:.0f}", f"{c.eval_seconds:.0f}"]
+            for c in candidates]
+    return header, rows
+
+
+def samples(candidates, n: int = 6) -> list[dict]:
+    """The first n held-out examples with the base and the final completions side by side."""
+    base, last = candidates[0], candidates[-1]
+    out = []
+    for i in range(min(n, len(base.predictions))):
+        b, f = base.predictions[i], last.predictions[i] if i < len(last.predictions) else {}
+        out.append({"prompt": b.get("prompt", ""), "reference": b.get("reference"),
+                    "before": b.get("completion", ""), "after": f.get("completion", ""), "after_stage": last.name})
+    return out
+
+
+def write_report(cfg, task, candidates, chosen, out: Path, summary: dict) -> tuple[Path, Path]:
+    """Write out/report.html and out/report.md (+ out/report_files/*.png for the markdown)."""
+    figures = {"training curves": training_curves(candidates), "ROC curves": roc_figure(candidates),
+               "confusion matrices": confusion_figure(candidates)}
+    header, rows = metrics_table(candidates)
+    examples = samples(candidates)
+    title = f"ppolm report: {cfg.task.name} on {cfg.model}"
+    files = out / "report_files"
+    files.mkdir(exist_ok=True)
+
+    md = [f"# {title}", "", f"Chosen model: **{chosen.name}** (exported to `{summary['export_dir']}`); target "
+          f"`{cfg.target.metric}` >= {cfg.target.min}. Total wall time {summary['wall_seconds']:.0f} s.", "",
+          "## Task metrics on the held-out split", "", "| " + " | ".join(header) + " |",
+          "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in rows], ""]
+    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
+         "th{background:#f3f3f3}img{max-width:100%}.s{font-size:12px;white-space:pre-wrap}</style></head><body>",
+         f"<h1>{html.escape(title)}</h1>",
+         f"<p>Chosen model: <b>{html.escape(chosen.name)}</b>, exported to <code>{html.escape(summary['export_dir'])}"
+         f"</code>. Target <code>{html.escape(cfg.target.metric)}</code> &ge; {cfg.target.min}. "
+         f"Total wall time {summary['wall_seconds']:.0f} s.</p>",
+         "<h2>Task metrics on the held-out split</h2><table><tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in header)
+         + "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows)
+         + "</table>"]
+    for name, png in figures.items():
+        if png is None:
+            continue
+        fname = name.replace(" ", "_") + ".png"
+        (files / fname).write_bytes(png)
+        md += [f"## {name.capitalize()}", "", f"![{name}](report_files/{fname})", ""]
+        b64 = base64.b64encode(png).decode("ascii")
+        h.append(f"<h2>{html.escape(name.capitalize())}</h2><img class='plot' alt='{html.escape(name)}' "
+                 f"src='data:image/png;base64,{b64}'>")
+    md += ["## Sample outputs before and after", ""]
+    h.append("<h2>Sample outputs before and after</h2><table><tr><th>prompt</th><th>reference</th>"
+             f"<th>base</th><th>{html.escape(examples[0]['after_stage'] if examples else 'final')}</th></tr>")
+    for ex in examples:
+        short = ex["prompt"][:300] + ("..." if len(ex["prompt"]) > 300 else "")
+        md += [f"- **prompt**: {short!r}", f"  - reference: {ex['reference']!r}", f"  - base: {ex['before']!r}",
+               f"  - {ex['after_stage']}: {ex['after']!r}"]
+        h.append("<tr>" + "".join(f"<td class='s'>{html.escape(str(x))}</td>"
+                                  for x in (short, ex["reference"], ex["before"], ex["after"])) + "</tr>")
+    h.append("</table></body></html>")
+    html_path, md_path = out / "report.html", out / "report.md"
+    html_path.write_text("\n".join(h), encoding="utf-8")
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    return html_path, md_path

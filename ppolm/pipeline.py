@@ -1,0 +1,310 @@
+"""`ppolm run PIPELINE.yaml`: the whole flow of the seed.
+
+    preprocess -> load model -> evaluate base -> SFT and/or PPO (each evaluated on the same held-out split)
+    -> if the target metric is below the bar: adjust by the declared policy (retry PPO with a lower learning
+       rate / larger KL coefficient, at most N times) and roll back to the best candidate
+    -> export the chosen model (tokenizer, chat template, decoding settings) -> report.html / report.md
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from ppolm.config import ConfigError, PPORunConfig, Section, TaskConfig, save_config
+from ppolm.tasks import Example, Task, build_task
+from ppolm.trainers.common import split_held_out
+
+
+class StagesConfig(Section):
+    sft: bool = True
+    """Run direct supervised training on the task's references."""
+    ppo: bool = True
+    """Run PPO (from the SFT model when SFT ran, else from the base model)."""
+
+
+class TargetConfig(Section):
+    metric: str = "accuracy"
+    """Task metric that decides whether the result is good enough (a key of the task's metrics)."""
+    min: float | None = None
+    """The bar: below it the adjust policy runs (null = never adjust)."""
+    higher_is_better: bool = True
+    """False for metrics like TER where lower is better."""
+
+
+class AdjustConfig(Section):
+    max_retries: int = Field(1, ge=0, le=10)
+    """At most this many extra PPO runs when the target is missed."""
+    lr_factor: float = Field(0.5, gt=0.0)
+    """Each retry multiplies PPO's learning rate by this."""
+    kl_factor: float = Field(2.0, gt=0.0)
+    """Each retry multiplies PPO's KL coefficient by this."""
+    rollback: Literal["best", "last"] = "best"
+    """Export the best candidate by the target metric (base included), or the last one trained."""
+
+
+class EvalStageConfig(Section):
+    limit: int | None = Field(None, ge=1)
+    """Evaluate on at most this many held-out examples (spread over the split)."""
+    batch_size: int = Field(16, ge=1)
+    """Prompts per generation batch."""
+
+
+class PipelineConfig(Section):
+    """Configuration of `ppolm run`."""
+
+    model: str = "smollm2-135m-instruct"
+    """Model to start from."""
+    output_dir: str = "runs/pipeline"
+    """Where every stage writes (sft/, ppo/, eval-*/), the export and the report."""
+    seed: int = 0
+    """Seed of the split and of every stage."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Precision of every stage."""
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    """The task; eval_fraction of its data is held out for every evaluation (or task.eval_data)."""
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    """Which training stages run."""
+    sft: dict[str, Any] = Field(default_factory=dict)
+    """Keys of `ppolm sft` (model, output_dir, task, seed and precision are set by the pipeline)."""
+    ppo: dict[str, Any] = Field(default_factory=dict)
+    """Keys of `ppolm ppo` (model, output_dir, task, seed and precision are set by the pipeline)."""
+    eval: EvalStageConfig = Field(default_factory=EvalStageConfig)
+    """Evaluation settings."""
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    """The bar the result must reach."""
+    adjust: AdjustConfig = Field(default_factory=AdjustConfig)
+    """What to do when the bar is missed."""
+    report: bool = True
+    """Write report.html and report.md."""
+
+    @model_validator(mode="after")
+    def _check_stage_configs(self) -> "PipelineConfig":
+        # Validate the nested trainer configs now, so a typo fails before any model loads.
+        for name, cls, extra in (("sft", "SFTRunConfig", self.sft), ("ppo", "PPORunConfig", self.ppo)):
+            reserved = {"model", "output_dir", "task", "seed", "precision"} & set(extra)
+            if reserved:
+                raise ValueError(f"{name}.{sorted(reserved)[0]} is set by the pipeline; set it at the top level")
+            stage_config(self, name, extra, Path(self.output_dir) / name, self.model)
+        return self
+
+
+def stage_config(cfg: PipelineConfig, name: str, extra: dict, out: Path, model: str):
+    """The trainer config of one stage: the pipeline's shared keys + the stage's own keys."""
+    if name == "sft":
+        from ppolm.trainers.sft import SFTRunConfig as cls
+    else:
+        cls = PPORunConfig
+    data = {"model": model, "output_dir": str(out), "seed": cfg.seed, "precision": cfg.precision,
+            "task": {"name": cfg.task.name, "options": cfg.task.options, "eval_fraction": 0.1}, **extra}
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        from ppolm.config import format_validation_error
+
+        raise ValueError(format_validation_error(cls, exc, name).replace(f"{name}: key '", f"key '{name}.")) from None
+
+
+class SplitTask(Task):
+    """A task whose `load` returns a fixed list of examples (the pipeline's training split)."""
+
+    def __init__(self, base: Task, examples: list[Example]):
+        self.base, self.examples = base, examples
+        self.name, self.options = base.name, base.options
+        self.system_prompt, self.decoding = base.system_prompt, base.decoding
+
+    def load(self, path: str | None) -> list[Example]:
+        return list(self.examples)
+
+    def __getattr__(self, attr: str):
+        return getattr(self.base, attr)
+
+    def reward_functions(self):
+        return self.base.reward_functions()
+
+    def metrics(self, examples, completions, **extra):
+        return self.base.metrics(examples, completions, **extra)
+
+    def row_fields(self, examples):
+        return self.base.row_fields(examples)
+
+
+@dataclass
+class Candidate:
+    """One evaluated model: where it is, its metrics, how long its training took, its predictions."""
+
+    name: str
+    model_dir: str
+    metrics: dict[str, Any]
+    train_seconds: float
+    eval_seconds: float
+    predictions: list[dict] = field(default_factory=list)
+    run_dir: str | None = None
+
+
+def _say(msg: str) -> None:
+    print(f"[ppolm run] {msg}", flush=True)
+
+
+def evaluate_model(cfg: PipelineConfig, task: Task, model_dir: str, examples: list[Example], name: str,
+                   reference: str | None) -> tuple[dict, list[dict], float]:
+    """Evaluate one model on the held-out split; writes eval-<name>/metrics.json and predictions.jsonl."""
+    import torch
+
+    from ppolm.eval.run import evaluate
+    from ppolm.models import load_model, load_tokenizer
+    from ppolm.runtime import autocast_dtype
+
+    t0 = time.perf_counter()
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    ref = load_model(reference) if reference and getattr(task, "needs_reference_scores", False) else None
+    amp = autocast_dtype(cfg.precision, torch.device("cpu"))
+    result = evaluate(task, model, tok, examples, batch_size=cfg.eval.batch_size, autocast=amp,
+                      reference_model=ref, seed=cfg.seed)
+    out = Path(cfg.output_dir) / f"eval-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2, default=str))
+    with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
+        for p in result.predictions:
+            f.write(json.dumps(p, ensure_ascii=False, default=str) + "\n")
+    return result.metrics, result.predictions, time.perf_counter() - t0
+
+
+def _score(c: Candidate, target: TargetConfig) -> float:
+    v = c.metrics.get(target.metric)
+    if not isinstance(v, (int, float)):
+        raise ConfigError(f"target.metric '{target.metric}' is not a metric of this task "
+                          f"(have: {', '.join(k for k, x in c.metrics.items() if isinstance(x, (int, float)))})")
+    return float(v) if target.higher_is_better else -float(v)
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run the whole flow; returns the headline numbers."""
+    from ppolm.models import load_model
+    from ppolm.trainers.ppo import train_ppo
+    from ppolm.trainers.sft import train_sft
+
+    t_start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    task = build_task(cfg.task.name, cfg.task.options)
+
+    _say(f"1/6 preprocess: task {cfg.task.name}, data {cfg.task.data or '(shipped demo set)'}")
+    if cfg.task.eval_data:
+        train, held = task.load(cfg.task.data), task.load(cfg.task.eval_data)
+    else:
+        train, held = split_held_out(task.load(cfg.task.data), cfg.task.eval_fraction, cfg.seed)
+    train = train[: cfg.task.limit]
+    held = held[: cfg.eval.limit or cfg.task.eval_limit]
+    _say(f"   {len(train)} training and {len(held)} held-out examples")
+    train_task = SplitTask(task, train)
+
+    _say(f"2/6 load model {cfg.model}")
+    load_model(cfg.model)  # converts the embedded GGUF once, before any timing starts
+    base_dir = cfg.model
+    candidates: list[Candidate] = []
+
+    _say("3/6 evaluate the base model")
+    m, preds, secs = evaluate_model(cfg, task, base_dir, held, "base", None)
+    candidates.append(Candidate("base", base_dir, m, 0.0, secs, preds))
+    _say(f"   base: {cfg.target.metric} = {m.get(cfg.target.metric)}")
+
+    start_dir = base_dir
+    if cfg.stages.sft:
+        _say("4/6 SFT (direct supervised training)")
+        scfg = stage_config(cfg, "sft", cfg.sft, out / "sft", base_dir)
+        t0 = time.perf_counter()
+        train_sft(scfg, task=train_task)
+        train_secs = time.perf_counter() - t0
+        sft_dir = str(out / "sft" / "final")
+        m, preds, secs = evaluate_model(cfg, task, sft_dir, held, "sft", base_dir)
+        candidates.append(Candidate("sft", sft_dir, m, train_secs, secs, preds, str(out / "sft")))
+        _say(f"   sft: {cfg.target.metric} = {m.get(cfg.target.metric)} ({train_secs:.0f} s training)")
+        start_dir = sft_dir
+
+    if cfg.stages.ppo:
+        ppo_extra = dict(cfg.ppo)
+        for attempt in range(cfg.adjust.max_retries + 1):
+            name = "ppo" if attempt == 0 else f"ppo-retry{attempt}"
+            _say(f"5/6 PPO ({name}) from {Path(start_dir).name if start_dir != base_dir else base_dir}")
+            pcfg = stage_config(cfg, "ppo", ppo_extra, out / name, start_dir)
+            t0 = time.perf_counter()
+            train_ppo(pcfg, task=train_task)
+            train_secs = time.perf_counter() - t0
+            ppo_dir = str(out / name / "final")
+            m, preds, secs = evaluate_model(cfg, task, ppo_dir, held, name, start_dir)
+            candidates.append(Candidate(name, ppo_dir, m, train_secs, secs, preds, str(out / name)))
+            _say(f"   {name}: {cfg.target.metric} = {m.get(cfg.target.metric)} ({train_secs:.0f} s training)")
+            if cfg.target.min is None or _score(candidates[-1], cfg.target) >= (
+                cfg.target.min if cfg.target.higher_is_better else -cfg.target.min
+            ):
+                break
+            if attempt < cfg.adjust.max_retries:
+                # the declared adjust policy: a smaller step and a tighter leash on the reference
+                lr = pcfg.optim.lr * cfg.adjust.lr_factor
+                kl = max(pcfg.kl.coef, 1e-3) * cfg.adjust.kl_factor
+                ppo_extra = {**ppo_extra, "optim": {**ppo_extra.get("optim", {}), "lr": lr},
+                             "kl": {**ppo_extra.get("kl", {}), "coef": kl}}
+                _say(f"   below the bar {cfg.target.min}: retrying PPO with optim.lr={lr:.3g}, kl.coef={kl:.3g}")
+
+    chosen = (max(candidates, key=lambda c: _score(c, cfg.target)) if cfg.adjust.rollback == "best"
+              else candidates[-1])
+    _say(f"6/6 export {chosen.name} -> {out / 'export'}")
+    export_dir = export_candidate(chosen, task, out / "export", cfg.model)
+    summary = {
+        "chosen": chosen.name, "export_dir": str(export_dir), "target_metric": cfg.target.metric,
+        "target_min": cfg.target.min, "wall_seconds": time.perf_counter() - t_start,
+        "stages": {c.name: {"metrics": {k: v for k, v in c.metrics.items() if isinstance(v, (int, float))},
+                            "train_seconds": c.train_seconds, "eval_seconds": c.eval_seconds,
+                            "model_dir": c.model_dir} for c in candidates},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.report:
+        from ppolm.eval.report import write_report
+
+        paths = write_report(cfg, task, candidates, chosen, out, summary)
+        summary["report"] = str(paths[0])
+    _print_headline(cfg, candidates, chosen, summary)
+    return {f"{c.name}/{cfg.target.metric}": c.metrics.get(cfg.target.metric) for c in candidates}
+
+
+def export_candidate(chosen: Candidate, task: Task, dest: Path, base: str) -> Path:
+    """Copy the chosen model directory (or save the base model) with tokenizer, chat template, decoding."""
+    from ppolm.models import load_model, load_tokenizer
+    from ppolm.state_io import save_json
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    src = Path(chosen.model_dir)
+    if src.is_dir():
+        shutil.copytree(src, dest)
+    else:
+        load_model(chosen.model_dir).save_pretrained(dest, safe_serialization=True)
+        load_tokenizer(chosen.model_dir).save_pretrained(dest)
+    d = task.decoding
+    save_json(dest / "ppolm_decoding.json", {
+        "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k, "max_new_tokens": d.max_new_tokens,
+        "stop": list(d.stop), "system_prompt": task.system_prompt, "task": task.name, "stage": chosen.name,
+        "base_model": base,
+    })
+    return dest
+
+
+def _print_headline(cfg: PipelineConfig, candidates: list[Candidate], chosen: Candidate, summary: dict) -> None:
+    metric = cfg.target.metric
+    print("\n== ppolm run: results on the held-out split ==")
+    print(f"{'stage':14s} {metric:>12s} {'train s':>9s}")
+    for c in candidates:
+        v = c.metrics.get(metric)
+        print(f"{c.name:14s} {v if not isinstance(v, float) else round(v, 4):>12} {c.train_seconds:9.0f}")
+    print(f"chosen: {chosen.name}; exported to {summary['export_dir']}")
+    if "report" in summary:
+        print(f"report: {summary['report']}")
+    print(f"total wall time: {summary['wall_seconds']:.0f} s")
