@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ppolm-installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +22,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ppolm run configs/pipeline-demo.yaml
 
-test: $(STAMP)
+# The report test renders report.html in headless Chromium (Debian packages chromium, chromium-driver).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	      || echo "warning: could not install chromium; the report rendering test will be skipped"; \
+	  else echo "warning: chromium not installed (needs root + apt); the report rendering test will be skipped"; fi; \
+	fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)

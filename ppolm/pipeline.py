@@ -26,7 +26,9 @@ class StagesConfig(Section):
     sft: bool = True
     """Run direct supervised training on the task's references."""
     ppo: bool = True
-    """Run PPO (from the SFT model when SFT ran, else from the base model)."""
+    """Run PPO."""
+    ppo_from: Literal["base", "sft"] = "base"
+    """Start PPO from the base model (an SFT-vs-PPO comparison) or from the SFT model (SFT then PPO)."""
 
 
 class TargetConfig(Section):
@@ -227,13 +229,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         m, preds, secs = evaluate_model(cfg, task, sft_dir, held, "sft", base_dir)
         candidates.append(Candidate("sft", sft_dir, m, train_secs, secs, preds, str(out / "sft")))
         _say(f"   sft: {cfg.target.metric} = {m.get(cfg.target.metric)} ({train_secs:.0f} s training)")
-        start_dir = sft_dir
+        if cfg.stages.ppo_from == "sft":
+            start_dir = sft_dir
 
     if cfg.stages.ppo:
         ppo_extra = dict(cfg.ppo)
         for attempt in range(cfg.adjust.max_retries + 1):
             name = "ppo" if attempt == 0 else f"ppo-retry{attempt}"
-            _say(f"5/6 PPO ({name}) from {Path(start_dir).name if start_dir != base_dir else base_dir}")
+            _say(f"5/6 PPO ({name}) from {'the SFT model' if start_dir != base_dir else base_dir}")
             pcfg = stage_config(cfg, "ppo", ppo_extra, out / name, start_dir)
             t0 = time.perf_counter()
             train_ppo(pcfg, task=train_task)

@@ -187,3 +187,20 @@ def test_cli_data_errors_exit_2(tmp_path: Path, capsys) -> None:
     with pytest.raises(DataError):
         generate_command(argparse.Namespace(model="tiny-random-llama", input=str(bad), output=None, task=None,
                                             max_new_tokens=None, temperature=None, batch_size=1))
+
+
+def test_docs_python_task_example_runs(tmp_path: Path, monkeypatch) -> None:
+    """The one-file task of docs/tasks.md, as written, evaluates end to end."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "tasks.md").read_text(encoding="utf-8")
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_tasks.py").write_text(code, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"question": "Capital of France?", "answer": "Paris"}\n', encoding="utf-8")
+    task = build_task("my_tasks:QATask", {})
+    assert task.reward_functions()[0][0]([""], [" paris. "], answer=["Paris"]) == [1.0]
+    out = tmp_path / "out"
+    assert eval_command(_eval_args(task="my_tasks:QATask", data=str(data), output_dir=str(out))) == 0
+    assert json.loads((out / "metrics.json").read_text())["exact_match"] in (0.0, 1.0)
+    with pytest.raises(ConfigError, match="no demo data"):
+        task.load(None)

@@ -11,6 +11,7 @@ More kills: `python bench/kill_resume.py --kills 100`.
 from __future__ import annotations
 
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -78,3 +79,100 @@ def test_kill9_every_other_step_resume_to_identical_weights(server, reference, t
     # with every=2 a resume replays the step after the checkpoint: metrics lines past it were rewritten
     assert all(a.resumed_from is None or a.resumed_from % 2 == 0 or a.resumed_from == MAX_STEPS for a in attempts)
     assert any(a.killed and a.temps_after for a in attempts)
+
+
+# ---- data order across resumes (in-process) -----------------------------------------------------------------
+# 20 prompts, 8 per step: epoch boundaries at positions 20 (inside step 3), 40 (= end of step 5, a checkpoint)
+# and 60 (inside step 8).
+N_PROMPTS, BATCH, ORDER_STEPS = 20, 8, 8
+
+
+def _order_cfg(run_dir: Path, *overrides: str):
+    from ppolm.config import PPORunConfig, load_config
+
+    return load_config(PPORunConfig, kh.ROOT / "configs/tiny.yaml", [
+        "log.progress=false", "log.tensorboard=false", f"output_dir={run_dir}", f"max_steps={ORDER_STEPS}",
+        f"task.options.n_prompts={N_PROMPTS}", f"rollout.batch_size={BATCH}", "ppo.minibatch_size=8",
+        "ppo.epochs=1", "rollout.max_new_tokens=4", "checkpoint.every=1", "checkpoint.keep=null", *overrides])
+
+
+def _train_recording(cfg) -> dict[int, list[int]]:
+    """Run `cfg`; {0-based step: example indices its rollout used} for the steps this process ran."""
+    from ppolm.trainers.ppo import PPOTrainer
+
+    trainer = PPOTrainer(cfg)
+    used: dict[int, list[int]] = {}
+    rollout = trainer.rollout
+
+    def recording(step: int):
+        out = rollout(step)
+        used[step] = list(out[2])
+        return out
+
+    trainer.rollout = recording
+    trainer.train()
+    return used
+
+
+@pytest.fixture(scope="module")
+def full_order(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, list[int]]]:
+    run_dir = tmp_path_factory.mktemp("order") / "full"
+    return run_dir, _train_recording(_order_cfg(run_dir))
+
+
+def test_uninterrupted_order_covers_each_epoch_once(full_order):
+    _, used = full_order
+    positions = [i for step in range(ORDER_STEPS) for i in used[step]]
+    assert len(positions) == ORDER_STEPS * BATCH == 64
+    for start in range(0, len(positions), N_PROMPTS):
+        epoch = positions[start:start + N_PROMPTS]
+        if len(epoch) == N_PROMPTS:
+            assert sorted(epoch) == list(range(N_PROMPTS))  # every prompt once: none repeated, none skipped
+        else:
+            assert len(set(epoch)) == len(epoch)  # the last, partial epoch repeats nothing
+    assert positions[:N_PROMPTS] != positions[N_PROMPTS:2 * N_PROMPTS]  # each epoch is reshuffled
+
+
+@pytest.mark.parametrize("resume_at", [5, 2, 6], ids=["epoch-boundary-on-checkpoint", "mid-epoch", "late-mid-epoch"])
+def test_resume_reads_the_same_prompts(full_order, tmp_path, resume_at):
+    """Resuming at checkpoint-5 (position 40 = an epoch boundary) or mid-epoch (2: position 16, the next step
+    crosses the boundary at 20; 6: position 48) uses exactly the rows the uninterrupted run used, and ends in the
+    same weights."""
+    full_dir, full_used = full_order
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(full_dir / f"checkpoint-{resume_at}", part / f"checkpoint-{resume_at}")
+    (part / "LATEST").write_text(f"checkpoint-{resume_at}\n")
+    used = _train_recording(_order_cfg(part, "resume=true"))
+    assert sorted(used) == list(range(resume_at, ORDER_STEPS))
+    assert {s: used[s] for s in used} == {s: full_used[s] for s in used}
+    assert kh.compare_runs(part, full_dir, ORDER_STEPS) == [f"metrics.jsonl steps are {list(range(resume_at + 1, 9))}"]
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL inside a process (nothing after it runs)."""
+
+
+@pytest.mark.xfail(strict=True, reason="MetricsLogger._truncate_after rewrites metrics.jsonl in place "
+                   "(Path.write_text truncates first): a kill or power loss inside that rewrite loses the log of "
+                   "every step up to the checkpoint")
+def test_kill_inside_metrics_rewrite_on_resume_keeps_earlier_steps(tmp_path, monkeypatch):
+    from ppolm.trainers.ppo import PPOTrainer
+
+    PPOTrainer(_order_cfg(tmp_path, "max_steps=4", "checkpoint.every=2")).train()
+    shutil.rmtree(tmp_path / "checkpoint-4")  # as if the first process died during step 4
+    (tmp_path / "LATEST").write_text("checkpoint-2\n")
+    write_text = Path.write_text
+
+    def killed_mid_write(self: Path, data: str, *args, **kwargs):
+        if self.name == "metrics.jsonl":
+            self.open("w").close()  # open(..., "w") has truncated the file; the kill lands before the write
+            raise _Killed
+        return write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", killed_mid_write)
+    with pytest.raises(_Killed):
+        PPOTrainer(_order_cfg(tmp_path, "max_steps=4", "checkpoint.every=2", "resume=true")).train()
+    monkeypatch.undo()
+    PPOTrainer(_order_cfg(tmp_path, "max_steps=4", "checkpoint.every=2", "resume=true")).train()
+    assert [r["step"] for r in kh.metrics_rows(tmp_path)] == [1, 2, 3, 4]

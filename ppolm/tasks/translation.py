@@ -67,7 +67,7 @@ class TranslationOptions(TaskOptions):
 class TranslationTask(Task):
     name = "translation"
     Options = TranslationOptions
-    decoding = Decoding(max_new_tokens=64, temperature=0.0)
+    decoding = Decoding(max_new_tokens=96, temperature=0.0)  # Multi30k targets run to ~60 tokens
 
     def __init__(self, **options: Any):
         super().__init__(**options)

@@ -13,7 +13,6 @@ Frozen weights are not saved: they are rebuilt from the source model, which the 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
-from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -36,14 +34,11 @@ from ppolm.state_io import (
     load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json, save_optimizer_state,
     save_rng_state, save_scheduler_state,
 )
-from ppolm.trainers.ppo_state import config_fingerprint
+from ppolm.trainers.resume import check_same_run, config_fingerprint
 from ppolm.update import Optimization
 
 T = TypeVar("T")
 
-# Config keys that may change between a run and its resume without changing what is computed (on top of
-# ppo_state.VOLATILE_KEYS, which config_fingerprint already skips).
-EXTRA_VOLATILE_KEYS = ("eval_every", "eval_batch_size")
 
 
 def prepare_model(
@@ -102,11 +97,6 @@ def split_held_out(rows: list[T], eval_fraction: float, seed: int) -> tuple[list
     return [rows[i] for i in sorted(order[n_eval:])], [rows[i] for i in sorted(order[:n_eval])]
 
 
-def run_fingerprint(config: BaseModel) -> dict:
-    """config_fingerprint without the keys that only change logging/evaluation cadence."""
-    return {k: v for k, v in config_fingerprint(config).items() if k not in EXTRA_VOLATILE_KEYS}
-
-
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the parameters that train (tied weights appear once: named_parameters dedups them)."""
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -139,7 +129,7 @@ class RunCheckpointer:
         save_rng_state(out / "rng")
         save_json(out / "trainer_state.json", {
             "step": step, "optimization": self.optim.state_dict(), "world_size": self.runtime.world_size,
-            "config": run_fingerprint(self.cfg), "data": self.data_fp,
+            "config": config_fingerprint(self.cfg), "data": self.data_fp,
         })
 
     def save(self, step: int) -> Path | None:
@@ -167,23 +157,8 @@ class RunCheckpointer:
         return int(state["step"])
 
     def _check_same_run(self, state: dict, path: Path) -> None:
-        old, new = state.get("config", {}), run_fingerprint(self.cfg)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        problems = []
-        if changed:
-            problems.append("config changed: " + ", ".join(
-                f"{k} ({json.dumps(old.get(k))} -> {json.dumps(new.get(k))})" for k in changed[:5]))
-        if state.get("data") != self.data_fp:
-            problems.append("training data changed")
-        if state.get("world_size", self.runtime.world_size) != self.runtime.world_size:
-            problems.append(f"process count changed ({state['world_size']} -> {self.runtime.world_size})")
-        if not problems:
-            return
-        msg = f"cannot resume from {path}: " + "; ".join(problems)
-        if not self.cfg.allow_changed_resume:
-            raise CheckpointError(msg + " (set allow_changed_resume=true to resume anyway)")
-        if self.runtime.is_main:
-            print("warning: " + msg.replace("cannot resume", "resuming"))
+        check_same_run(state, path, config=self.cfg, data_fp=self.data_fp, world_size=self.runtime.world_size,
+                       allow_changed=self.cfg.allow_changed_resume, is_main=self.runtime.is_main)
 
 
 def export_model(

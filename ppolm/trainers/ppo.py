@@ -30,7 +30,7 @@ from ppolm.rollout import generate
 from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.sampling import row_uniforms
 from ppolm.tasks import Task, build_task
-from ppolm.trainers.actor_critic import ActorCritic, build_actor_critic, param_groups, reference_logprobs
+from ppolm.trainers.actor_critic import build_actor_critic, param_groups, reference_logprobs
 from ppolm.trainers.ppo_state import PPOCheckpointer
 from ppolm.trainers.prompts import build_prompts, step_rows
 from ppolm.types import Experience, Rollout

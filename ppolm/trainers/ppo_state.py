@@ -10,8 +10,6 @@ checkpoint-N/ (written crash-safely by CheckpointManager):
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from ppolm.checkpoint import CheckpointManager
 from ppolm.errors import CheckpointError
+from ppolm.trainers.common import export_model
+from ppolm.trainers.resume import check_same_run, config_fingerprint, data_fingerprint
 from ppolm.state_io import (
     load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json, save_optimizer_state,
     save_rng_state, save_scheduler_state,
@@ -27,36 +27,6 @@ from ppolm.state_io import (
 
 if TYPE_CHECKING:
     from ppolm.trainers.ppo import PPOTrainer
-
-# Keys that may change between a run and its resume without changing what is computed.
-VOLATILE_KEYS = {"resume", "max_steps", "output_dir", "allow_changed_resume", "log", "checkpoint"}
-
-
-def config_fingerprint(config) -> dict:
-    """The config fields that define the computation (flattened 'a.b' -> value)."""
-    flat: dict = {}
-
-    def walk(prefix: str, node):
-        for k, v in node.items():
-            if not prefix and k in VOLATILE_KEYS:
-                continue
-            if isinstance(v, dict) and v:
-                walk(f"{prefix}{k}.", v)
-            else:
-                flat[f"{prefix}{k}"] = v
-
-    walk("", config.model_dump(mode="json"))
-    return flat
-
-
-def data_fingerprint(texts: list[str]) -> str:
-    """sha256 over the prompt texts in order."""
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()
-
 
 def _critic_state(trainer: "PPOTrainer") -> dict[str, torch.Tensor]:
     actor = trainer.actor
@@ -121,23 +91,9 @@ class PPOCheckpointer:
 
     def _check_same_run(self, state: dict, path: Path) -> None:
         t = self.t
-        old, new = state.get("config", {}), config_fingerprint(t.cfg)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        problems = []
-        if changed:
-            problems.append("config changed: " + ", ".join(
-                f"{k} ({json.dumps(old.get(k))} -> {json.dumps(new.get(k))})" for k in changed[:5]))
-        if state.get("data") != data_fingerprint(t.prompts.texts):
-            problems.append("training data changed")
-        if state.get("world_size", t.runtime.world_size) != t.runtime.world_size:
-            problems.append(f"process count changed ({state['world_size']} -> {t.runtime.world_size})")
-        if not problems:
-            return
-        msg = f"cannot resume from {path}: " + "; ".join(problems)
-        if not t.cfg.allow_changed_resume:
-            raise CheckpointError(msg + " (set allow_changed_resume=true to resume anyway)")
-        if t.runtime.is_main:
-            print("warning: " + msg.replace("cannot resume", "resuming"))
+        check_same_run(state, path, config=t.cfg, data_fp=data_fingerprint(t.prompts.texts),
+                       world_size=t.runtime.world_size, allow_changed=t.cfg.allow_changed_resume,
+                       is_main=t.runtime.is_main)
 
     def _load_policy(self, directory: Path) -> None:
         policy = self.t.actor.policy
@@ -160,20 +116,11 @@ class PPOCheckpointer:
         if not t.runtime.is_main:
             t.runtime.wait()
             return None
-        out = Path(t.cfg.output_dir) / "final"
-        policy = t.actor.policy
-        if t.actor.is_lora():
-            import copy
-
-            policy = copy.deepcopy(policy).merge_and_unload()
-        policy.save_pretrained(out, safe_serialization=True)
-        t.tokenizer.save_pretrained(out)
-        r = t.cfg.rollout
-        d = t.task.decoding
-        save_json(out / "ppolm_decoding.json", {
+        r, d = t.cfg.rollout, t.task.decoding
+        out = export_model(t.actor.policy, t.tokenizer, Path(t.cfg.output_dir) / "final", {"ppolm_decoding.json": {
             "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
             "max_new_tokens": r.max_new_tokens, "stop": list(r.stop or d.stop),
             "system_prompt": t.task.system_prompt, "task": t.cfg.task.name,
-        })
+        }})
         t.runtime.wait()
         return out

@@ -39,7 +39,7 @@ from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.trainers.common import (
     RunCheckpointer, export_model, make_optimization, prepare_model, split_held_out, total_steps, train_loop,
 )
-from ppolm.trainers.ppo_state import data_fingerprint
+from ppolm.trainers.resume import data_fingerprint
 from ppolm.trainers.prompts import step_rows
 
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from ppolm.checkpoint import CheckpointManager
+from ppolm.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = Path(__file__).resolve().parent / "ppo_forkserver.py"
@@ -168,7 +169,7 @@ def _valid_checkpoints(run_dir: Path) -> list[int]:
         try:
             manager.verify(path)
             valid.append(step)
-        except Exception:  # noqa: BLE001 - any damage means "not loadable"
+        except CheckpointError:  # damaged: not loadable
             continue
     return sorted(valid)
 
@@ -301,7 +302,9 @@ def compare_runs(run_dir: Path, reference: Path, max_steps: int) -> list[str]:
     steps = [r["step"] for r in rows]
     if steps != list(range(1, max_steps + 1)):
         problems.append(f"metrics.jsonl steps are {steps}")
-    for r, ref in zip(rows, metrics_rows(reference)):
+    by_step = {r["step"]: r for r in metrics_rows(reference)}
+    for r in rows:
+        ref = by_step.get(r["step"], {})
         diff = [k for k in ref if not k.startswith(TIMING_PREFIXES) and r.get(k) != ref[k]]
         if diff:
             problems.append(f"step {r['step']}: metrics differ: {diff[:4]}")
