@@ -24,15 +24,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "scripts"))
 
-import kill_harness as kh  # noqa: E402
+import kill_harness as kh
 
 
 def kill_plan(rng: random.Random, checkpoint_share: float) -> Iterator[tuple[str, float]]:
-    """Endless seeded kills: ('checkpoint', delay in [0, 20 ms)) with probability checkpoint_share, else
+    """Endless seeded kills: ('checkpoint', delay in [0, 50 ms)) with probability checkpoint_share, else
     ('time', u) with u uniform in [0, 1) of the process's expected duration."""
     while True:
         if rng.random() < checkpoint_share:
-            yield "checkpoint", rng.uniform(0.0, 0.02)
+            yield "checkpoint", rng.uniform(0.0, 0.05)
         else:
             yield "time", rng.random()
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bad_inputs import write_bad_corpus  # noqa: E402
+from bad_inputs import write_bad_corpus
 
-from ppolm.cli import main  # noqa: E402
-from ppolm.errors import DataError  # noqa: E402
+from ppolm.cli import main
+from ppolm.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 # the console script next to this interpreter, else the module (same main())
@@ -121,7 +121,7 @@ def test_real_processes_exit_2_and_debug_shows_traceback(corpus) -> None:
 @pytest.mark.xfail(strict=True, reason="check.py _label_counts indexes rec[label] for every row although the "
                    "label field was chosen because *some* row has it: KeyError traceback")
 def test_label_missing_in_one_row_without_task_is_one_line(corpus, capfd) -> None:
-    path, expected = next((p, e) for p, e in corpus if p.name == "json_missing_required.jsonl")
+    path = next(p for p, _ in corpus if p.name == "json_missing_required.jsonl")
     rc = main(["data", "check", str(path)])
     _, err = capfd.readouterr()
     assert rc == 2 and len(err.strip().splitlines()) == 1 and f"{path.name}:3:" in err

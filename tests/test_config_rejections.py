@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-import kill_harness as kh  # noqa: E402
+import kill_harness as kh
 
-import ppolm.models.load  # noqa: E402
-from ppolm.cli import main  # noqa: E402
+import ppolm.models.load
+from ppolm.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_MODEL = "model=/nonexistent/dir"

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-import degenerate_helpers as dh  # noqa: E402
+import degenerate_helpers as dh
 
-from ppolm.config import PPORunConfig, load_config  # noqa: E402
-from ppolm.trainers.ppo import PPOTrainer  # noqa: E402
+from ppolm.config import PPORunConfig, load_config
+from ppolm.trainers.ppo import PPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 8  # rollout.batch_size

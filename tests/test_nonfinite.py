@@ -13,12 +13,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-import kill_harness as kh  # noqa: E402
-from nan_inject import NaNGradients, target_param  # noqa: E402
+import kill_harness as kh
+from nan_inject import NaNGradients, target_param
 
-from ppolm.config import PPORunConfig, load_config  # noqa: E402
-from ppolm.trainers.ppo import PPOTrainer  # noqa: E402
-from ppolm.update import TrainingAborted  # noqa: E402
+from ppolm.config import PPORunConfig, load_config
+from ppolm.trainers.ppo import PPOTrainer
+from ppolm.update import TrainingAborted
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8 rows, minibatches of 4, 2 epochs: 4 optimizer steps per PPO step, one backward each

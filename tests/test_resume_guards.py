@@ -115,8 +115,8 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
     trainer = PPOTrainer(_cfg(run_dir, "max_steps=4", "checkpoint.every=2", "resume=true"))
     lines = capsys.readouterr().out.splitlines()
     said = [line for line in lines if "damaged" in line]
-    assert said == ["checkpoint-4 is damaged (policy/model.safetensors: checksum mismatch); "
-                    "falling back to checkpoint-2"], lines
+    expected = "checkpoint-4 is damaged (policy/model.safetensors: checksum mismatch); falling back to checkpoint-2"
+    assert said == [expected], lines
     assert "resumed from checkpoint-2 (step 2)" in lines
     assert trainer.start_step == 2
     trainer.train()

@@ -238,9 +238,27 @@ def _plan_any(path: Path, columns: list[str] | None, format: str | None) -> _Pla
 def _guess_task(path: Path, format: str | None, target: str | Path | None) -> str | None:
     if format == "conll" or (format is None and path.suffix.lower() in (".conll", ".iob")):
         return "ner"
+    if format is None and path.suffix.lower() not in EXTENSIONS and _looks_like_conll(path):
+        return "ner"  # e.g. WNUT-17's emerging.test.annotated: token<TAB>tag lines, blank between sentences
+    if (format in (None, "csv") and path.suffix.lower() == ".csv" and (first := _first_csv_row(path))
+            and len(first) in (2, 3) and first[0].strip().isdigit()):
+        return "classification"  # a headerless CSV with an integer class first (AG News layout)
     if target is not None or (format is None and _is_language_file(path) and _siblings(path)):
         return "translation"
     return None
+
+
+def _looks_like_conll(path: Path, probe: int = 20) -> bool:
+    """The first lines hold 2+ columns whose last is an IOB tag, and a blank line separates sentences."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            lines = [next(f, "") for _ in range(200)]
+    except OSError:
+        return False
+    rows = [ln.split() for ln in lines if ln.strip()][:probe]
+    tag = re.compile(r"^(O|[BIES]-\S+)$")
+    return (len(rows) >= 2 and all(len(r) >= 2 and tag.match(r[-1]) for r in rows)
+            and any(not ln.strip() for ln in lines if ln))
 
 
 def _is_language_file(path: Path) -> bool:

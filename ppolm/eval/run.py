@@ -150,7 +150,8 @@ def evaluate(
     """Generate a completion per example (chat template + ``task.system_prompt``) and compute metrics.
 
     Reward = the task's weighted reward functions on the templated prompts, as PPO computes it. Metrics
-    add n, eos_rate, response_tokens_mean and seconds (wall time of the whole evaluation).
+    add n, eos_rate, response_tokens_mean, seconds (wall time of the whole evaluation) and
+    generation_seconds (the decoding part, KL / perplexity included; the rest is label scoring and metrics).
     """
     if not examples:
         raise ValueError("evaluate needs at least one example")
@@ -161,6 +162,7 @@ def evaluate(
     gen = complete(model, tokenizer, ids, decoding or task.decoding, batch_size=batch_size, autocast=autocast,
                    seed=seed, reference_scores=want_ref, reference_model=reference_model)
     n, completions = len(examples), gen.texts
+    t_gen = time.perf_counter() - t0
     extra: dict[str, Any] = {}
     label_words = getattr(task, "label_words", None)
     words = label_words(examples) if callable(label_words) else None
@@ -177,7 +179,7 @@ def evaluate(
     metrics = dict(task.metrics(examples, completions, **extra))
     metrics.setdefault("reward_mean", sum(rewards) / n)
     metrics.update(n=n, eos_rate=sum(gen.ended) / n, response_tokens_mean=sum(gen.lengths) / n,
-                   seconds=time.perf_counter() - t0)
+                   seconds=time.perf_counter() - t0, generation_seconds=t_gen)
     scores_fn = getattr(task, "example_scores", None)
     per_example = scores_fn(examples, completions, **extra) if callable(scores_fn) else [{}] * n
     predictions = [

@@ -28,7 +28,7 @@ from ppolm.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = Path(__file__).resolve().parent / "ppo_forkserver.py"
-RESUMED = re.compile(r"^resumed from checkpoint-(\d+) \(step (\d+)\)$", re.M)
+RESUMED = re.compile(r"^resumed from checkpoint-(\d+) \(step (\d+)\)$", re.MULTILINE)
 ANY_TEMP = re.compile(r"\.tmp-checkpoint-.*")
 # Metrics that legitimately differ between two runs of the same computation.
 TIMING_PREFIXES = ("time/", "throughput/")

@@ -42,7 +42,7 @@ def target_param(actor: torch.nn.Module) -> torch.nn.Parameter:
 
 def install_always_nan() -> None:
     """Patch the PPO trainer's model builder so every optimizer step of every run sees a NaN gradient."""
-    import ppolm.trainers.ppo as ppo
+    from ppolm.trainers import ppo
 
     build = ppo.build_actor_critic
 

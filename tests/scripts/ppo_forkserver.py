@@ -24,12 +24,13 @@ import sys
 import traceback
 from pathlib import Path
 
+# imported before any fork: paying for these once is the reason this server exists
+import ppolm.cli
+from ppolm.config import PPORunConfig, load_config
+from ppolm.trainers.ppo import PPOTrainer
+
 ROOT = Path(__file__).resolve().parents[2]
 QUIET = ["log.progress=false", "log.tensorboard=false"]
-
-import ppolm.cli  # noqa: E402  (imported before forking: the reason this server exists)
-from ppolm.config import PPORunConfig, load_config  # noqa: E402
-from ppolm.trainers.ppo import PPOTrainer  # noqa: E402
 
 # Modules transformers and ppolm import lazily on first use: importing them here keeps each child's start-up
 # short and steady (kill times are drawn from a measured run's duration). Imports only, no torch op.
@@ -67,7 +68,7 @@ def _child(job: dict) -> None:
         rc = _run_job(job)
     except SystemExit as exc:  # argparse errors and explicit exits
         rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:  # what the interpreter would do with an uncaught exception
+    except BaseException:  # noqa: BLE001 - what the interpreter does with an uncaught exception
         traceback.print_exc()
         rc = 1
     finally:
