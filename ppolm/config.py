@@ -8,6 +8,7 @@ Validation is done by pydantic, never by ``assert``, so it holds under ``python 
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -241,8 +242,10 @@ class PPORunConfig(CommonConfig):
                 f"ppo.grad_accum_steps ({self.ppo.grad_accum_steps}) must divide ppo.minibatch_size "
                 f"({self.ppo.minibatch_size})"
             )
-        if self.critic.init == "reward" and self.critic.kind == "separate" and not self.reward.model:
-            raise ValueError("critic.init: 'reward' needs reward.model to be set")
+        if self.critic.init == "reward" and not self.reward.model:
+            raise ValueError("critic.init: 'reward' needs reward.model to be set (or use critic.init: 'policy')")
+        if self.critic.init == "reward" and self.critic.kind != "separate":
+            raise ValueError("critic.init: 'reward' needs critic.kind: 'separate' (a value head shares the policy)")
         return self
 
 
@@ -275,15 +278,27 @@ def _set_path(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _section_class(ann: Any) -> type[BaseModel] | None:
+    """The config section class inside an annotation: X, list[X], X | None -> X."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in typing.get_args(ann):
+        found = _section_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _allowed_keys(cls: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the section at `loc` (for 'unknown key' messages)."""
+    """Field names of the section at `loc` (for 'unknown key' messages); list positions are skipped."""
     for part in loc[:-1]:
-        field = cls.model_fields.get(str(part)) if isinstance(part, str) else None
-        ann = getattr(field, "annotation", None)
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            cls = ann
-        else:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(str(part))
+        section = _section_class(getattr(field, "annotation", None))
+        if section is None:
             return []
+        cls = section
     return list(cls.model_fields)
 
 

@@ -56,7 +56,10 @@ class MetricsLogger:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
-        self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        # atomic: a crash during the rewrite must not lose the steps before the checkpoint
+        from ppolm.state_io import atomic_write_bytes
+
+        atomic_write_bytes(self.path, "".join(k + "\n" for k in kept).encode("utf-8"))
 
     def log(self, step: int, metrics: dict[str, Any], headline: tuple[str, ...] = ()) -> None:
         if not self.enabled:

@@ -193,8 +193,6 @@ def test_python_O_m_ppolm_cli_entry_point(tmp_path) -> None:
 
 
 # ---- found while writing the cases above (see the issue-5 report); strict: they flag the fix ------------------
-@pytest.mark.xfail(strict=True, reason="critic.init=reward is only checked with critic.kind=separate; with the "
-                   "default head it is silently ignored and the run goes on to load models")
 def test_critic_init_reward_without_reward_model_is_rejected_for_head_critic(tmp_path, monkeypatch, capfd) -> None:
     case = Case("critic-init-head", ("critic.init=reward",), ("critic.init", "reward.model"))
     monkeypatch.setattr(ppolm.models.load, "resolve", lambda name: pytest.fail(f"model {name!r} resolved"))
@@ -203,8 +201,6 @@ def test_critic_init_reward_without_reward_model_is_rejected_for_head_critic(tmp
     assert _problems(rc, out, err, case) == []
 
 
-@pytest.mark.xfail(strict=True, reason="format_validation_error does not descend into list items: 'allowed here:' "
-                   "is empty and there is no did-you-mean for a key inside reward.functions[i]")
 def test_unknown_key_in_reward_function_entry_has_hint(tmp_path, capfd) -> None:
     case = Case("reward-fn-key", ("reward.functions=[{name: contains, wieght: 2}]",),
                 ("'reward.functions.0.wieght'", "did you mean 'weight'", "allowed here: name, weight, kwargs"))
@@ -213,7 +209,6 @@ def test_unknown_key_in_reward_function_entry_has_hint(tmp_path, capfd) -> None:
     assert _problems(rc, out, err, case) == []
 
 
-@pytest.mark.xfail(strict=True, reason="build_task reports an unknown task option without a did-you-mean")
 def test_unknown_task_option_has_did_you_mean(tmp_path, capfd) -> None:
     case = Case("task-option-hint", ("task.options.n_promts=3",), ("did you mean 'n_prompts'",))
     rc = main(_argv(case, tmp_path))

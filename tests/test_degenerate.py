@@ -76,8 +76,6 @@ def test_empty_completions_from_a_model_that_only_says_eos(tmp_path, eos_model):
         assert r["reward/mean"] == 0.0 and r["reward/all_equal"] == 1.0  # toy reward of "" is 0
 
 
-@pytest.mark.xfail(strict=True, reason="response/empty_count counts zero-token responses, which generate() never "
-                   "produces: an EOS-only (empty) completion is counted as one_token, so empty_count is always 0")
 def test_empty_completions_are_counted_as_empty(tmp_path, eos_model):
     _, rows = _run(tmp_path, f"model={eos_model}")
     assert all(r["response/empty_count"] == B for r in rows)

@@ -13,7 +13,14 @@ from ppolm.cli import main
 from ppolm.errors import ConfigError, DataError
 from ppolm.eval.labels import label_logprobs, label_logprobs_reference, spellings
 from ppolm.eval.run import (
-    complete, eval_command, evaluate, format_table, generate_command, parse_options, sequence_kl_and_nll, spread,
+    complete,
+    eval_command,
+    evaluate,
+    format_table,
+    generate_command,
+    parse_options,
+    sequence_kl_and_nll,
+    spread,
 )
 from ppolm.models import load_model, load_tokenizer
 from ppolm.models.policy import score_tokens

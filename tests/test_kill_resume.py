@@ -153,24 +153,22 @@ class _Killed(BaseException):
     """Stands in for SIGKILL inside a process (nothing after it runs)."""
 
 
-@pytest.mark.xfail(strict=True, reason="MetricsLogger._truncate_after rewrites metrics.jsonl in place "
-                   "(Path.write_text truncates first): a kill or power loss inside that rewrite loses the log of "
-                   "every step up to the checkpoint")
 def test_kill_inside_metrics_rewrite_on_resume_keeps_earlier_steps(tmp_path, monkeypatch):
     from ppolm.trainers.ppo import PPOTrainer
 
     PPOTrainer(_order_cfg(tmp_path, "max_steps=4", "checkpoint.every=2")).train()
     shutil.rmtree(tmp_path / "checkpoint-4")  # as if the first process died during step 4
     (tmp_path / "LATEST").write_text("checkpoint-2\n")
-    write_text = Path.write_text
+    import ppolm.state_io as state_io
 
-    def killed_mid_write(self: Path, data: str, *args, **kwargs):
-        if self.name == "metrics.jsonl":
-            self.open("w").close()  # open(..., "w") has truncated the file; the kill lands before the write
-            raise _Killed
-        return write_text(self, data, *args, **kwargs)
+    replace = state_io.os.replace
 
-    monkeypatch.setattr(Path, "write_text", killed_mid_write)
+    def killed_before_rename(src, dst, *args, **kwargs):
+        if Path(dst).name == "metrics.jsonl":
+            raise _Killed  # the rewritten log is complete in its temp file; the kill lands before the rename
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(state_io.os, "replace", killed_before_rename)
     with pytest.raises(_Killed):
         PPOTrainer(_order_cfg(tmp_path, "max_steps=4", "checkpoint.every=2", "resume=true")).train()
     monkeypatch.undo()

@@ -14,7 +14,14 @@ from ppolm.errors import ConfigError, DataError
 from ppolm.rewards.sentiment import sentiment_reward, sentiment_score
 from ppolm.tasks import build_task
 from ppolm.tasks.classification import ClassificationTask
-from ppolm.tasks.demo_data import NOUNS, demo_path, ner_sentences, phrase_pairs, review_openings, sentiment_reviews
+from ppolm.tasks.demo_data import (
+    NOUNS,
+    demo_path,
+    ner_sentences,
+    phrase_pairs,
+    review_openings,
+    sentiment_reviews,
+)
 from ppolm.tasks.generation import GenerationTask
 from ppolm.tasks.ner import NERTask
 from ppolm.tasks.translation import TranslationTask, language

@@ -240,7 +240,7 @@ def _guess_task(path: Path, format: str | None, target: str | Path | None) -> st
         return "ner"
     if format is None and path.suffix.lower() not in EXTENSIONS and _looks_like_conll(path):
         return "ner"  # e.g. WNUT-17's emerging.test.annotated: token<TAB>tag lines, blank between sentences
-    if (format in (None, "csv") and path.suffix.lower() == ".csv" and (first := _first_csv_row(path))
+    if (format is None and path.suffix.lower() == ".csv" and (first := _first_csv_row(path))
             and len(first) in (2, 3) and first[0].strip().isdigit()):
         return "classification"  # a headerless CSV with an integer class first (AG News layout)
     if target is not None or (format is None and _is_language_file(path) and _siblings(path)):
@@ -297,6 +297,9 @@ def _missing(path: Path, fmt: str, columns: list[str] | None, records: list[Reco
 def _label_counts(records: list[Record], name: str, entities: bool) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for rec in records:
+        if name not in rec.fields:
+            # the label field was chosen because some rows have it: a row without it is malformed
+            raise DataError(rec.source, rec.line, name, "missing in this row (other rows have it)")
         if entities:
             counts.update(t[2:] for t in iob1_to_iob2(rec[name]) if t.startswith("B-"))
         else:

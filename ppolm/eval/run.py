@@ -304,9 +304,9 @@ def format_table(metrics: dict[str, Any]) -> str:
     if matrix and labels:
         width = max(8, *(len(str(lab)) for lab in labels))
         lines.append("  confusion (rows: true, columns: predicted; invalid answers not shown)")
-        lines.append("  " + " " * width + "".join(f" {str(lab):>{width}s}" for lab in labels))
+        lines.append("  " + " " * width + "".join(f" {lab!s:>{width}s}" for lab in labels))
         for lab, row in zip(labels, matrix):
-            lines.append(f"  {str(lab):{width}s}" + "".join(f" {v:>{width}d}" for v in row))
+            lines.append(f"  {lab!s:{width}s}" + "".join(f" {v:>{width}d}" for v in row))
     return "\n".join(lines)
 
 

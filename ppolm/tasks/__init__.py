@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 
 from pydantic import ValidationError
@@ -42,7 +43,9 @@ def build_task(name: str, options: dict) -> Task:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         allowed = ", ".join(cls.Options.model_fields)
-        raise ConfigError(f"task.options.{key}: {err['msg']} (options of '{name}': {allowed})") from None
+        hint = difflib.get_close_matches(str(err["loc"][-1]), list(cls.Options.model_fields), n=1)
+        did = f"; did you mean '{hint[0]}'?" if hint and err["type"] == "extra_forbidden" else ""
+        raise ConfigError(f"task.options.{key}: {err['msg']}{did} (options of '{name}': {allowed})") from None
 
 
 __all__ = ["BUILTIN", "Decoding", "Example", "Task", "TaskOptions", "build_task", "task_class"]

@@ -23,7 +23,13 @@ from typing import Any
 from pydantic import Field
 
 from ppolm.data.clean import clean_text
-from ppolm.data.readers import Record, check_fields, detect_format, missing_reason, read_records
+from ppolm.data.readers import (
+    Record,
+    check_fields,
+    detect_format,
+    missing_reason,
+    read_records,
+)
 from ppolm.errors import ConfigError, DataError
 from ppolm.eval.metrics import classification_metrics, label_from_completion
 from ppolm.rewards.task_rewards import classification_reward

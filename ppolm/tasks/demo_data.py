@@ -212,7 +212,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def demo_dir() -> Path:
     """``<ppolm cache>/demo/v<VERSION>``: $PPOLM_CACHE, else $XDG_CACHE_HOME/ppolm, else ~/.cache/ppolm."""
-    from ppolm.models.load import cache_dir  # deferred: keeps importing a task free of torch/transformers
+    from ppolm.models.load import (
+        cache_dir,  # deferred: keeps importing a task free of torch/transformers
+    )
 
     return cache_dir() / "demo" / f"v{VERSION}"
 

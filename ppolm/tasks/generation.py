@@ -108,7 +108,10 @@ class GenerationTask(Task):
 
     def _reward_model_scores(self, prompts: Sequence[str], completions: Sequence[str], **_: Any) -> list[float]:
         """Reward-model score of prompt + completion, (B,) floats (model loaded once, on first use)."""
-        from ppolm.models import load_model, load_tokenizer  # deferred: torch is only needed with a model
+        from ppolm.models import (  # deferred: torch is only needed with a model
+            load_model,
+            load_tokenizer,
+        )
         from ppolm.rewards.compose import reward_model_scores
 
         if self._rm is None:

@@ -20,7 +20,13 @@ from typing import Any, Literal
 
 from ppolm.data.readers import iob1_to_iob2, read_records
 from ppolm.errors import DataError
-from ppolm.eval.ner_metrics import CONLL_TYPE_MAP, WNUT17_TYPE_MAP, entity_prf, parse_entities, tags_to_entities
+from ppolm.eval.ner_metrics import (
+    CONLL_TYPE_MAP,
+    WNUT17_TYPE_MAP,
+    entity_prf,
+    parse_entities,
+    tags_to_entities,
+)
 from ppolm.rewards.task_rewards import ner_reward
 from ppolm.tasks.base import Decoding, Example, RewardFn, Task, TaskOptions
 from ppolm.tasks.demo_data import demo_path

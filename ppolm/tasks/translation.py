@@ -16,7 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from ppolm.data.readers import EXTENSIONS, check_fields, detect_format, missing_reason, read_parallel, read_records
+from ppolm.data.readers import (
+    EXTENSIONS,
+    check_fields,
+    detect_format,
+    missing_reason,
+    read_parallel,
+    read_records,
+)
 from ppolm.errors import DataError
 from ppolm.eval.mt_metrics import mt_metrics, sentence_bleu, sentence_chrf
 from ppolm.rewards.task_rewards import translation_reward

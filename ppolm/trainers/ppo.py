@@ -175,7 +175,9 @@ class PPOTrainer:
             "val/explained_variance": float(explained_variance(old_values, returns, mask)),
             "response/length_mean": float(self.runtime.sum(lengths.sum())) / n_rows,
             "response/eos_rate": float(self.runtime.sum(rollout.ended.float().sum())) / n_rows,
-            "response/empty_count": float(self.runtime.sum((lengths == 0).float().sum())),
+            # an EOS-only response is one token long but says nothing: it counts as empty
+            "response/empty_count": float(self.runtime.sum(
+                ((lengths == 0) | ((lengths == 1) & rollout.ended)).float().sum())),
             "response/one_token_count": float(self.runtime.sum((lengths == 1).float().sum())),
         }
         return exp, metrics
