@@ -174,9 +174,10 @@ def write_report(cfg, task, candidates, chosen, out: Path, summary: dict) -> tup
             continue
         fname = name.replace(" ", "_") + ".png"
         (files / fname).write_bytes(png)
-        md += [f"## {name.capitalize()}", "", f"![{name}](report_files/{fname})", ""]
+        heading = name[0].upper() + name[1:]  # "ROC curves" keeps its capitals
+        md += [f"## {heading}", "", f"![{name}](report_files/{fname})", ""]
         b64 = base64.b64encode(png).decode("ascii")
-        h.append(f"<h2>{html.escape(name.capitalize())}</h2><img class='plot' alt='{html.escape(name)}' "
+        h.append(f"<h2>{html.escape(heading)}</h2><img class='plot' alt='{html.escape(name)}' "
                  f"src='data:image/png;base64,{b64}'>")
     md += ["## Sample outputs before and after", ""]
     h.append("<h2>Sample outputs before and after</h2><table><tr><th>prompt</th><th>reference</th>"
