@@ -83,6 +83,9 @@ class PPOConfig(Section):
     """Clamp |log pi/pi_old| before exp() so a single token cannot overflow the loss."""
     target_kl: float | None = Field(None, gt=0.0)
     """Stop the epochs of a step early once approx-KL old||new exceeds this (null = never)."""
+    fuse_first_forward: bool = True
+    """With one epoch of one minibatch (no accumulation), take old log-probs and values from the update's own
+    forward (same weights, so the same numbers) instead of a separate forward: one policy forward fewer."""
 
 
 class RewardFunctionConfig(Section):

@@ -138,3 +138,24 @@ def test_two_processes_equal_one_process(tmp_path):
     for x, y in zip(ma, mb):
         assert x["reward/mean"] == pytest.approx(y["reward/mean"], abs=1e-6)
         assert x["loss/policy"] == pytest.approx(y["loss/policy"], rel=1e-3, abs=1e-5)
+
+
+def test_fused_first_forward_gives_the_same_run(tmp_path):
+    """One epoch of one minibatch: old log-probs/values from the update's own forward equal a separate one."""
+    common = ["max_steps=3", "ppo.epochs=1", "ppo.minibatch_size=16", "checkpoint.every=0"]
+    fused = PPOTrainer(_cfg(tmp_path / "fused", *common))
+    assert fused.fused_first_forward()
+    fused.train()
+    plain = PPOTrainer(_cfg(tmp_path / "plain", *common, "ppo.fuse_first_forward=false"))
+    assert not plain.fused_first_forward()
+    plain.train()
+    a = load_file(tmp_path / "fused/final/model.safetensors")
+    b = load_file(tmp_path / "plain/final/model.safetensors")
+    # The separate forward runs without grad, where SDPA may take another CPU kernel than the grad forward:
+    # its old log-probs differ from the update's by rounding (~1e-6), so the runs agree to rounding, not bits.
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    for x, y in zip(_metrics(tmp_path / "fused"), _metrics(tmp_path / "plain")):
+        assert x["reward/mean"] == pytest.approx(y["reward/mean"], abs=1e-3)
+        assert x["loss/policy"] == pytest.approx(y["loss/policy"], abs=1e-4)
+        assert x["policy/ratio_mean"] == 1.0  # fused: old and new log-probs are the same numbers
+        assert y["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-4)

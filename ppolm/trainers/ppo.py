@@ -37,6 +37,9 @@ from ppolm.types import Experience, Rollout
 from ppolm.update import Optimization
 
 
+PolicyOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # logprobs, values, entropy: (B, R) each
+
+
 @dataclass
 class StepOutput:
     """Metrics of one step and the samples to show."""
@@ -146,13 +149,25 @@ class PPOTrainer:
             "reward/all_equal": float(finite.numel() > 0 and bool((finite == finite[0]).all())),
         }
 
+    def fused_first_forward(self) -> bool:
+        """True when the update is one optimizer step over the whole batch: its forward, taken before any weight
+        changes, gives exactly the old log-probs and values, so the separate no-grad forward is skipped."""
+        p = self.cfg.ppo
+        return (p.fuse_first_forward and p.epochs == 1 and p.grad_accum_steps == 1
+                and p.minibatch_size == self.cfg.rollout.batch_size)
+
     @torch.no_grad()
-    def experience(self, rollout: Rollout, scores: torch.Tensor) -> tuple[Experience, dict[str, float]]:
-        """Old log-probs and values (one forward in head mode), reference log-probs, shaped rewards, GAE."""
+    def experience(self, rollout: Rollout, scores: torch.Tensor,
+                   policy_out: PolicyOut | None = None) -> tuple[Experience, dict[str, float]]:
+        """Old log-probs and values (one forward in head mode, or `policy_out` of the fused update forward),
+        reference log-probs, shaped rewards, GAE."""
         ids, attn, resp, mask = rollout.input_ids, rollout.attention_mask, rollout.response_ids, rollout.response_mask
-        self.actor.eval()
-        old_logprobs, old_values, entropy = self.actor(ids, attn, resp, need_entropy=True, autocast_dtype=self.amp)
-        self.actor.train()
+        if policy_out is not None:
+            old_logprobs, old_values, entropy = (x.detach() for x in policy_out)
+        else:
+            self.actor.eval()
+            old_logprobs, old_values, entropy = self.actor(ids, attn, resp, need_entropy=True, autocast_dtype=self.amp)
+            self.actor.train()
         if self.reference is None and not self.actor.is_lora():
             ref_logprobs = old_logprobs  # KL penalty off for the whole run: the reference forward is skipped
         else:
@@ -189,8 +204,11 @@ class PPOTrainer:
         var = self.runtime.sum((((x - mean.float()) ** 2) * mask).sum()) / (n - 1).clamp(min=1)
         return ((x - mean.float()) * torch.rsqrt(var.float() + 1e-8)) * mask
 
-    def update(self, exp: Experience, step: int) -> dict[str, float]:
-        """PPO epochs x shuffled minibatches, each one shared optimizer step with gradient accumulation."""
+    def update(self, exp: Experience, step: int, policy_out: PolicyOut | None = None) -> dict[str, float]:
+        """PPO epochs x shuffled minibatches, each one shared optimizer step with gradient accumulation.
+
+        policy_out: the fused first forward (with grad) over the whole batch, used by the first optimizer step.
+        """
         p, world = self.cfg.ppo, self.runtime.world_size
         sums: dict[str, float] = {}
         n_tokens_total = 0.0
@@ -204,11 +222,16 @@ class PPOTrainer:
                 mb_tokens = float(self.runtime.sum(mb.response_mask.sum()))
                 micro = [mb.select(i) for i in torch.arange(len(mb)).chunk(p.grad_accum_steps)]
 
-                def loss_fn(m: Experience):
-                    logprobs, values, entropy = self.model(
-                        m.input_ids, m.attention_mask, m.input_ids[:, -m.response_mask.shape[1]:],
-                        need_entropy=p.ent_coef > 0, autocast_dtype=self.amp,
-                    )
+                def loss_fn(m: Experience, index: torch.Tensor = mb_index):
+                    nonlocal policy_out
+                    if policy_out is not None:  # fused: the forward already ran on these weights
+                        logprobs, values, entropy = (x[index] if x is not None else None for x in policy_out)
+                        policy_out = None
+                    else:
+                        logprobs, values, entropy = self.model(
+                            m.input_ids, m.attention_mask, m.input_ids[:, -m.response_mask.shape[1]:],
+                            need_entropy=p.ent_coef > 0, autocast_dtype=self.amp,
+                        )
                     pl = policy_loss(logprobs, m.old_logprobs, m.advantages, m.response_mask, p.clip_eps,
                                      p.log_ratio_clamp, num_tokens=mb_tokens)
                     vl = value_loss(values, m.old_values, m.returns, m.response_mask, p.value_clip_eps,
@@ -257,9 +280,13 @@ class PPOTrainer:
         t1 = time.perf_counter()
         scores, reward_metrics = self.score(rollout, examples)
         t2 = time.perf_counter()
-        exp, exp_metrics = self.experience(rollout, scores)
+        policy_out = None
+        if self.fused_first_forward():
+            policy_out = self.model(rollout.input_ids, rollout.attention_mask, rollout.response_ids,
+                                    need_entropy=True, autocast_dtype=self.amp)
+        exp, exp_metrics = self.experience(rollout, scores, policy_out)
         t3 = time.perf_counter()
-        upd_metrics = self.update(exp, step)
+        upd_metrics = self.update(exp, step, policy_out)
         t4 = time.perf_counter()
         self.kl_ctl.update(exp_metrics["objective/kl"], self.global_batch)
         n_tokens = float(self.runtime.sum(rollout.response_mask.sum() + rollout.prompt_mask.sum()))
