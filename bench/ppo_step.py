@@ -79,11 +79,14 @@ def floor_steps(model: str, steps: int, trainer: PPOTrainer) -> list[dict]:
 
 
 def update_flops(trainer: PPOTrainer, n_tokens: int, n_resp: int) -> float:
-    """Matmul FLOPs of one update phase: 6 x body params x tokens (fwd + bwd) + 6 x H x V x response tokens."""
+    """Matmul FLOPs of the update phase: 6 x body params x tokens (fwd + bwd) + 6 x H x V x response tokens
+    per epoch; with the fused first forward the forward runs in the experience phase, leaving 4/6 here."""
     policy = trainer.actor.policy
     emb = policy.get_input_embeddings().weight
     body = sum(p.numel() for p in policy.parameters()) - emb.numel()
-    return trainer.cfg.ppo.epochs * (6 * body * n_tokens + 6 * emb.numel() * n_resp)
+    per_epoch = 6 * body * n_tokens + 6 * emb.numel() * n_resp
+    fused = trainer.fused_first_forward()
+    return trainer.cfg.ppo.epochs * per_epoch - (per_epoch / 3 if fused else 0.0)
 
 
 def main() -> None:
