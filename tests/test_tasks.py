@@ -58,6 +58,15 @@ def test_demo_generators_are_deterministic_and_balanced() -> None:
             assert not tag.startswith("I-") or prev[2:] == tag[2:]
 
 
+def test_even_spread_of_demo_reviews_keeps_both_classes() -> None:
+    from ppolm.eval.run import spread
+
+    # eval --limit 200 takes every second row of 400: the demo order must not alternate the labels.
+    for limit in (50, 100, 200):
+        assert {r["label"] for r in spread(sentiment_reviews(), limit)} == {"negative", "positive"}
+        assert {r["label"] for r in spread(review_openings(), limit)} == {"negative", "positive"}
+
+
 def test_demo_german_articles_follow_gender() -> None:
     # "I see the <adj> <noun>." is accusative: den (m), die (f), das (n).
     article = {"m": "den", "f": "die", "n": "das"}

@@ -22,7 +22,7 @@ import random
 from pathlib import Path
 
 # Bump when a generator changes, so cached files from an older version are never read.
-VERSION = 1
+VERSION = 2
 FILES = {
     "classification": "sentiment_reviews.jsonl",
     "ner": "entities.conll",
@@ -55,7 +55,7 @@ def _a(word: str) -> str:
 
 
 def sentiment_reviews(n: int = 400, seed: int = 0) -> list[dict[str, str]]:
-    """``n`` short templated movie reviews, alternately positive and negative: {"text", "label"}.
+    """``n`` short templated movie reviews, half positive and half negative in shuffled order: {"text", "label"}.
 
     One template in three mentions a contrary aspect first ("Although the pacing was dull, ..."), so a
     keyword count of the first adjective is not enough to get every label right.
@@ -81,6 +81,8 @@ def sentiment_reviews(n: int = 400, seed: int = 0) -> list[dict[str, str]]:
         if text not in seen:
             seen.add(text)
             rows.append({"text": text, "label": label})
+    # Shuffled, not alternating: an evenly spaced subset (eval --limit) of an alternating list is one class.
+    rng.shuffle(rows)
     return rows
 
 
@@ -101,6 +103,7 @@ def review_openings(n: int = 300, seed: int = 1) -> list[dict[str, str]]:
         if text not in seen:
             seen.add(text)
             rows.append({"text": text, "label": label})
+    rng.shuffle(rows)
     return rows
 
 

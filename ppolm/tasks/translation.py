@@ -74,7 +74,9 @@ class TranslationOptions(TaskOptions):
 class TranslationTask(Task):
     name = "translation"
     Options = TranslationOptions
-    decoding = Decoding(max_new_tokens=96, temperature=0.0)  # Multi30k targets run to ~60 tokens
+    # A one-sentence translation never holds a newline: stop there, before any commentary after it.
+    # 96 tokens: Multi30k targets run to ~60.
+    decoding = Decoding(max_new_tokens=96, temperature=0.0, stop=("\n",))
 
     def __init__(self, **options: Any):
         super().__init__(**options)
