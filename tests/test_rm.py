@@ -21,15 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"log": {"progress": False, "tensorboard": False}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from 2 threads, and on a shared 2-core machine a busy neighbour makes
-    # OpenMP's spinning threads 100x slower (measured: 30 ms -> 3-9 s per step).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _cfg(tmp_path, **kw):
     base = dict(model="tiny-random-llama", output_dir=str(tmp_path), precision="fp32", max_steps=20,
