@@ -133,9 +133,9 @@ def metrics_table(candidates) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def samples(candidates, n: int = 6) -> list[dict]:
-    """The first n held-out examples with the base and the final completions side by side."""
-    base, last = candidates[0], candidates[-1]
+def samples(candidates, chosen, n: int = 6) -> list[dict]:
+    """The first n held-out examples with the base and the chosen model's completions side by side."""
+    base, last = candidates[0], chosen
     out = []
     for i in range(min(n, len(base.predictions))):
         b, f = base.predictions[i], last.predictions[i] if i < len(last.predictions) else {}
@@ -149,7 +149,7 @@ def write_report(cfg, task, candidates, chosen, out: Path, summary: dict) -> tup
     figures = {"training curves": training_curves(candidates), "ROC curves": roc_figure(candidates),
                "confusion matrices": confusion_figure(candidates)}
     header, rows = metrics_table(candidates)
-    examples = samples(candidates)
+    examples = samples(candidates, chosen)
     title = f"ppolm report: {cfg.task.name} on {cfg.model}"
     files = out / "report_files"
     files.mkdir(exist_ok=True)
