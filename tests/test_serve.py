@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
 from ppolm.errors import ConfigError
 from ppolm.models import load_model, load_tokenizer
@@ -21,14 +20,6 @@ MODEL = "tiny-random-llama"
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a CPU shared with other jobs, two spinning OpenMP threads make each step ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

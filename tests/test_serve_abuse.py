@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-import torch
 
 from ppolm.models import load_model, load_tokenizer
 from ppolm.serve import DecodingDefaults, ServeLimits, create_app, serve_in_background
@@ -148,14 +147,6 @@ def build_corpus() -> list[Case]:
         c.append(Case(f"{method} {path}", path, b"{}" if method == "POST" else None, method=method, expect=expect))
     return c
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a CPU shared with other jobs, two spinning OpenMP threads make each step ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def _plan_classification(path: Path, columns: list[str] | None, format: str | No
     fmt = detect_format(path, format)
     notes = []
     if fmt == "csv" and columns is None:
-        first = _first_csv_row(path)
+        first = first_csv_row(path)
         if first and len(first) in (2, 3) and first[0].strip().isdigit():
             columns = ["label", "text"] if len(first) == 2 else ["label", "title", "text"]
             notes.append(f"headerless CSV with an integer class first (AG News layout): "
@@ -240,7 +240,7 @@ def _guess_task(path: Path, format: str | None, target: str | Path | None) -> st
         return "ner"
     if format is None and path.suffix.lower() not in EXTENSIONS and _looks_like_conll(path):
         return "ner"  # e.g. WNUT-17's emerging.test.annotated: token<TAB>tag lines, blank between sentences
-    if (format is None and path.suffix.lower() == ".csv" and (first := _first_csv_row(path))
+    if (format is None and path.suffix.lower() == ".csv" and (first := first_csv_row(path))
             and len(first) in (2, 3) and first[0].strip().isdigit()):
         return "classification"  # a headerless CSV with an integer class first (AG News layout)
     if target is not None or (format is None and _is_language_file(path) and _siblings(path)):
@@ -328,7 +328,7 @@ def _first_line(path: Path, limit: int = 1 << 16) -> str:
     return head.decode("utf-8-sig", errors="replace").split("\n", 1)[0].rstrip("\r")
 
 
-def _first_csv_row(path: Path) -> list[str] | None:
+def first_csv_row(path: Path) -> list[str] | None:
     """The first CSV row, or None when it cannot be parsed (read_records then reports the error)."""
     with open(path, "rb") as f:
         head = f.read(1 << 16).decode("utf-8-sig", errors="replace")

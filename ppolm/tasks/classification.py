@@ -13,8 +13,6 @@ are detected (text, sentence, review, ...; label, class, ...) or set with ``text
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 
 from pydantic import Field
 
+from ppolm.data.check import first_csv_row
 from ppolm.data.clean import clean_text
 from ppolm.data.readers import (
     Record,
@@ -117,7 +116,7 @@ class ClassificationTask(Task):
     def _read(self, path: Path) -> list[Record]:
         columns, fmt = self.options.columns, detect_format(path) if path.exists() else None
         if fmt == "csv" and columns is None:
-            first = _first_csv_row(path)
+            first = first_csv_row(path)
             if first and len(first) in (2, 3) and first[0].strip().lstrip("-").isdigit():
                 columns = ["label", "text"] if len(first) == 2 else ["label", "title", "text"]
         return read_records(path, columns=columns)
@@ -238,11 +237,3 @@ def _check_words(words: Sequence[str]) -> None:
     if any(not w for w in lowered) or len(set(lowered)) != len(lowered):
         raise ConfigError(f"label words must be non-empty and distinct ignoring case, got {list(words)}")
 
-
-def _first_csv_row(path: Path) -> list[str] | None:
-    with open(path, "rb") as f:
-        head = f.read(1 << 16).decode("utf-8-sig", errors="replace")
-    try:
-        return next(csv.reader(io.StringIO(head, newline=""), strict=True), None)
-    except csv.Error:
-        return None  # read_records reports the quoting error with its line
