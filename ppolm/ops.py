@@ -16,9 +16,8 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> t
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """sum(x * mask) / max(sum(mask), 1): a mask with no ones gives 0, never NaN."""
-    return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1.0) if dim is not None else masked_sum(
-        x, mask
-    ) / mask.sum().clamp(min=1.0)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1.0)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:

@@ -18,7 +18,9 @@ class Runtime:
     """Thin facade over `accelerate.Accelerator` with the few collective ops PPO needs."""
 
     def __init__(self, cpu: bool | None = None):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo") if not torch.cuda.is_available() else None
+        if not torch.cuda.is_available():
+            # gloo on CPU: pin the loopback interface (interface auto-selection is flaky on some hosts)
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         self.accelerator = Accelerator(cpu=bool(cpu) if cpu is not None else not torch.cuda.is_available())
 
     @property
