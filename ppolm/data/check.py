@@ -150,15 +150,30 @@ def token_lengths(tokenizer: Any, texts: list[str], batch_size: int = 1024) -> l
     return out
 
 
+def headerless_class_columns(path: Path, fmt: str) -> tuple[list[str], str] | None:
+    """Column names (and a note) for a headerless classification file whose integer class column tells it
+    apart from a header: AG News ``class,title,description`` and ``sentence<TAB>label`` (UCI Sentiment
+    Labelled Sentences, SST-2 exports). None when the first row does not look like one of these."""
+    if fmt not in ("csv", "tsv"):
+        return None
+    first = first_csv_row(path, "," if fmt == "csv" else "\t")
+    if not first or len(first) not in (2, 3):
+        return None
+    if first[0].strip().lstrip("-").isdigit():
+        columns = ["label", "text"] if len(first) == 2 else ["label", "title", "text"]
+        return columns, f"headerless {fmt.upper()} with an integer class first (AG News layout)"
+    if len(first) == 2 and first[1].strip().lstrip("-").isdigit():
+        return ["text", "label"], f"headerless {fmt.upper()} of sentence and integer label"
+    return None
+
+
 def _plan_classification(path: Path, columns: list[str] | None, format: str | None) -> _Plan:
     fmt = detect_format(path, format)
     notes = []
-    if fmt == "csv" and columns is None:
-        first = first_csv_row(path)
-        if first and len(first) in (2, 3) and first[0].strip().isdigit():
-            columns = ["label", "text"] if len(first) == 2 else ["label", "title", "text"]
-            notes.append(f"headerless CSV with an integer class first (AG News layout): "
-                         f"columns named {', '.join(columns)}")
+    found = headerless_class_columns(path, fmt) if columns is None else None
+    if found is not None:
+        columns = found[0]
+        notes.append(f"{found[1]}: columns named {', '.join(columns)}")
     records = read_records(path, format=fmt, columns=columns)
     names = _field_names(records)
     label = next((n for n in _LABELS if n in names), None) or _missing(path, fmt, columns, records, "label", names)
@@ -328,11 +343,12 @@ def _first_line(path: Path, limit: int = 1 << 16) -> str:
     return head.decode("utf-8-sig", errors="replace").split("\n", 1)[0].rstrip("\r")
 
 
-def first_csv_row(path: Path) -> list[str] | None:
-    """The first CSV row, or None when it cannot be parsed (read_records then reports the error)."""
+def first_csv_row(path: Path, delimiter: str = ",") -> list[str] | None:
+    """The first CSV (or TSV, ``delimiter="\\t"``) row, or None when it cannot be parsed (read_records then
+    reports the error)."""
     with open(path, "rb") as f:
         head = f.read(1 << 16).decode("utf-8-sig", errors="replace")
     try:
-        return next(csv.reader(io.StringIO(head, newline=""), strict=True), None)
+        return next(csv.reader(io.StringIO(head, newline=""), delimiter=delimiter, strict=True), None)
     except csv.Error:
         return None

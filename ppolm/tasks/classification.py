@@ -7,7 +7,8 @@ the completion is the gold one (``partial_credit`` when the gold word comes late
 probabilities (each label scored as a continuation, softmax over labels) for ROC-AUC.
 
 Formats: JSONL/JSON/parquet with text and label fields; CSV/TSV with a header (GLUE ``sentence\\tlabel``);
-headerless CSV whose first cell is an integer class (AG News ``class,title,description``). Field names
+headerless CSV whose first cell is an integer class (AG News ``class,title,description``); headerless
+``sentence<TAB>label`` files (UCI Sentiment Labelled Sentences). Field names
 are detected (text, sentence, review, ...; label, class, ...) or set with ``text_field`` / ``label_field``.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 
 from pydantic import Field
 
-from ppolm.data.check import first_csv_row
+from ppolm.data.check import headerless_class_columns
 from ppolm.data.clean import clean_text
 from ppolm.data.readers import (
     Record,
@@ -78,6 +79,7 @@ class ClassificationOptions(TaskOptions):
 
 class ClassificationTask(Task):
     name = "classification"
+    primary_metric = "accuracy"
     Options = ClassificationOptions
     decoding = Decoding(max_new_tokens=12, temperature=0.0)
 
@@ -115,10 +117,9 @@ class ClassificationTask(Task):
 
     def _read(self, path: Path) -> list[Record]:
         columns, fmt = self.options.columns, detect_format(path) if path.exists() else None
-        if fmt == "csv" and columns is None:
-            first = first_csv_row(path)
-            if first and len(first) in (2, 3) and first[0].strip().lstrip("-").isdigit():
-                columns = ["label", "text"] if len(first) == 2 else ["label", "title", "text"]
+        if columns is None and fmt is not None:
+            found = headerless_class_columns(path, fmt)
+            columns = found[0] if found else None
         return read_records(path, columns=columns)
 
     def _fields(self, path: Path, records: list[Record]) -> tuple[str, list[str]]:
