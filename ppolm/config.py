@@ -88,6 +88,32 @@ class PPOConfig(Section):
     forward (same weights, so the same numbers) instead of a separate forward: one policy forward fewer."""
 
 
+class EvalConfig(Section):
+    every: int = Field(0, ge=0)
+    """Run the task's metric on held-out examples every N steps and at the end (0 = off)."""
+    limit: int = Field(64, ge=1)
+    """Held-out examples per evaluation (an even spread over the held-out split)."""
+    batch_size: int = Field(16, ge=1)
+    """Prompts per generation batch during these evaluations."""
+    metric: str | None = None
+    """Metric that picks the best checkpoint and that the guard watches (null = the task's headline metric:
+    accuracy, f1, chrf or reward_mean)."""
+    keep_best: bool = True
+    """Write output_dir/best (a plain HF model directory) whenever the metric reaches a new best."""
+
+
+class GuardConfig(Section):
+    max_drop: float | None = Field(None, ge=0.0)
+    """Stop when the held-out metric falls more than this below its best so far (null = off)."""
+    collapse_share: float | None = Field(None, gt=0.0, le=1.0)
+    """Stop when one predicted label takes more than this share of the held-out predictions while no gold
+    label does (classification; null = off)."""
+    max_kl: float | None = Field(None, gt=0.0)
+    """Stop when the sampled KL to the reference (objective/kl, nats per sequence) passes this (PPO; null = off)."""
+    rollback: bool = True
+    """On a stop, final/ becomes the best checkpoint's model (needs eval.keep_best); otherwise the last one."""
+
+
 class RewardFunctionConfig(Section):
     name: str
     """Registered reward function name, or 'module:function' importable from the Python path."""
@@ -138,6 +164,9 @@ class CriticConfig(Section):
     """'head': a value head on the policy's backbone (one forward for both); 'separate': its own model."""
     init: Literal["policy", "reward"] = "policy"
     """Initialize a separate critic from the policy weights or from the reward model."""
+    head_init: Literal["zero", "normal"] = "zero"
+    """Value head weights: 'zero' (V = 0 at the start: the first advantages are the whitened returns) or
+    'normal' (std 1/sqrt(H+1), the N+ RLHF details' choice)."""
 
 
 class LoraConfig(Section):
@@ -174,10 +203,10 @@ class CheckpointConfig(Section):
 class TaskConfig(Section):
     name: str = "generation"
     """Built-in task (classification, ner, translation, generation, toy) or 'module:attr'."""
-    data: str | None = None
-    """Training data file; null uses the task's shipped demo data."""
-    eval_data: str | None = None
-    """Held-out data file; null splits off `eval_fraction` of the training data."""
+    data: str | list[str] | None = None
+    """Training data file, or a list of files read in order; null uses the task's shipped demo data."""
+    eval_data: str | list[str] | None = None
+    """Held-out data file(s); null splits off `eval_fraction` of the training data."""
     eval_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     """Fraction of rows held out for evaluation when eval_data is null."""
     limit: int | None = Field(None, ge=1)
@@ -232,6 +261,10 @@ class PPORunConfig(CommonConfig):
     """Logging."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpointing."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Held-out evaluation during training and best-checkpoint keeping."""
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    """Guardrails: stop and roll back when the held-out metric drops, predictions collapse or KL runs away."""
 
     @model_validator(mode="after")
     def _check_batches(self) -> "PPORunConfig":
@@ -247,9 +280,19 @@ class PPORunConfig(CommonConfig):
             )
         if self.critic.init == "reward" and not self.reward.model:
             raise ValueError("critic.init: 'reward' needs reward.model to be set (or use critic.init: 'policy')")
+        check_guard(self.eval, self.guard)
         if self.critic.init == "reward" and self.critic.kind != "separate":
             raise ValueError("critic.init: 'reward' needs critic.kind: 'separate' (a value head shares the policy)")
         return self
+
+
+def check_guard(eval_cfg: EvalConfig, guard: GuardConfig) -> None:
+    """Guards on the held-out metric need the evaluation that measures it."""
+    if (guard.max_drop is not None or guard.collapse_share is not None) and not eval_cfg.every:
+        raise ValueError("guard.max_drop / guard.collapse_share watch the held-out evaluation: set eval.every > 0")
+    if guard.rollback and guard != GuardConfig() and not eval_cfg.keep_best:
+        raise ValueError("guard.rollback restores the best checkpoint: set eval.keep_best: true "
+                         "(or guard.rollback: false)")
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -146,12 +146,15 @@ def evaluate(
     autocast: torch.dtype | None = None,
     reference_model: PreTrainedModel | None = None,
     seed: int = 0,
+    label_scores: bool = True,
 ) -> EvalResult:
     """Generate a completion per example (chat template + ``task.system_prompt``) and compute metrics.
 
     Reward = the task's weighted reward functions on the templated prompts, as PPO computes it. Metrics
     add n, eos_rate, response_tokens_mean, seconds (wall time of the whole evaluation) and
     generation_seconds (the decoding part, KL / perplexity included; the rest is label scoring and metrics).
+    ``label_scores=False`` skips the label-word probabilities (no ROC-AUC): evaluations during training only
+    need the decoded answers.
     """
     if not examples:
         raise ValueError("evaluate needs at least one example")
@@ -165,7 +168,7 @@ def evaluate(
     t_gen = time.perf_counter() - t0
     extra: dict[str, Any] = {}
     label_words = getattr(task, "label_words", None)
-    words = label_words(examples) if callable(label_words) else None
+    words = label_words(examples) if callable(label_words) and label_scores else None
     if words:
         order = sorted(range(n), key=lambda i: len(ids[i]))  # similar lengths side by side: less padding
         lp = label_logprobs(model, tokenizer, [ids[i] for i in order], words, batch_size=batch_size,

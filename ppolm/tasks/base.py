@@ -52,6 +52,8 @@ class Task:
     Options: ClassVar[type[TaskOptions]] = TaskOptions
     system_prompt: str | None = None
     decoding: Decoding = Decoding()
+    primary_metric: ClassVar[str] = "reward_mean"
+    """The metric that says how good a model is at this task (best checkpoint, guardrails, reports)."""
 
     def __init__(self, **options: Any):
         self.options = self.Options.model_validate(options)
@@ -59,6 +61,12 @@ class Task:
     def load(self, path: str | None) -> list[Example]:
         """Read `path` (None = the task's shipped demo data) into examples."""
         raise NotImplementedError
+
+    def load_all(self, data: str | Sequence[str] | None) -> list[Example]:
+        """`load` for one path, or the examples of several files in order (e.g. two domains of one task)."""
+        if data is None or isinstance(data, str):
+            return self.load(data)
+        return [ex for path in data for ex in self.load(path)]
 
     def reward_functions(self) -> list[tuple[RewardFn, float]]:
         """Default reward: weighted plain functions (prompts, completions, **fields) -> list[float]."""

@@ -55,6 +55,7 @@ class NEROptions(TaskOptions):
 
 class NERTask(Task):
     name = "ner"
+    primary_metric = "f1"
     Options = NEROptions
     decoding = Decoding(max_new_tokens=64, temperature=0.0)
 

@@ -73,6 +73,7 @@ class TranslationOptions(TaskOptions):
 
 class TranslationTask(Task):
     name = "translation"
+    primary_metric = "chrf"
     Options = TranslationOptions
     # A one-sentence translation never holds a newline: stop there, before any commentary after it.
     # 96 tokens: Multi30k targets run to ~60.

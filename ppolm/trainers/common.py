@@ -17,7 +17,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,6 +36,9 @@ from ppolm.state_io import (
 )
 from ppolm.trainers.resume import check_same_run, config_fingerprint
 from ppolm.update import Optimization
+
+if TYPE_CHECKING:
+    from ppolm.trainers.watch import Watch
 
 T = TypeVar("T")
 
@@ -188,16 +191,19 @@ class LoopTrainer(Protocol):
     def step(self, step: int) -> dict[str, float]: ...
     def evaluate(self) -> dict[str, float]: ...
     def export_final(self) -> Path | None: ...
+    def generating_model(self) -> nn.Module: ...
 
 
-def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...]) -> dict[str, float]:
-    """Steps start_step .. total_steps: step, evaluate every cfg.eval_every steps and at the end, log,
-    checkpoint every cfg.checkpoint.every steps and at the end, then export output_dir/final.
+def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...], watch: Watch | None = None) -> dict[str, float]:
+    """Steps start_step .. total_steps: step, evaluate every cfg.eval_every steps and at the end, the task's
+    metric when `watch` says so (and stop when its guard fires), log, checkpoint every cfg.checkpoint.every
+    steps and at the end, then export output_dir/final (rolled back to best/ after a guard stop).
     Returns the last step's metrics (with the final evaluation)."""
     cfg = t.cfg
     logger = MetricsLogger(cfg.output_dir, enabled=t.runtime.is_main, total=t.total_steps, initial=t.start_step,
                            tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, desc=desc)
     last: dict[str, float] = {}
+    trip, done = None, t.start_step
     try:
         for step in range(t.start_step, t.total_steps):
             metrics = t.step(step)
@@ -206,16 +212,22 @@ def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...]) -> dict[str
                 t0 = time.perf_counter()
                 # evaluation first: the CLI prints the first few metrics of the result as its headline
                 metrics = {**t.evaluate(), **metrics, "time/eval_s": time.perf_counter() - t0}
+            if watch is not None:
+                trip = watch.after_step(done, t.total_steps, t.generating_model, metrics)
             last = metrics
-            if done % cfg.log.every == 0 or done == t.total_steps:
+            if done % cfg.log.every == 0 or done == t.total_steps or trip is not None:
                 logger.log(done, metrics, headline)
+            if trip is not None:
+                break
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < t.total_steps:
                 t.checkpointer.save(done)
         if t.start_step < t.total_steps:
-            t.checkpointer.save(t.total_steps)
+            t.checkpointer.save(done)
         else:  # resumed a finished run: nothing to train, but report where it stands
             last = t.evaluate()
         t.export_final()
+        if trip is not None:
+            watch.rollback(trip)
     finally:
         logger.close()
     return last

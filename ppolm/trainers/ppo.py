@@ -29,10 +29,12 @@ from ppolm.rewards.compose import RewardFn, Scorer, resolve_reward_function
 from ppolm.rollout import generate
 from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.sampling import row_uniforms
-from ppolm.tasks import Task, build_task
+from ppolm.tasks import Example, Task, build_task
 from ppolm.trainers.actor_critic import build_actor_critic, param_groups, reference_logprobs
+from ppolm.trainers.common import split_held_out
 from ppolm.trainers.ppo_state import PPOCheckpointer
 from ppolm.trainers.prompts import build_prompts, step_rows
+from ppolm.trainers.watch import Watch
 from ppolm.types import Experience, Rollout
 from ppolm.update import Optimization
 
@@ -52,7 +54,8 @@ class PPOTrainer:
     """Owns the models, optimizer and data of one PPO run. `train()` runs it; `step(s)` runs one step."""
 
     def __init__(self, config: PPORunConfig, reward_fn: RewardFn | list[RewardFn] | None = None,
-                 runtime: Runtime | None = None, task: Task | None = None):
+                 runtime: Runtime | None = None, task: Task | None = None,
+                 eval_examples: list[Example] | None = None):
         self.cfg = cfg = config
         # options validated before any model loads; a Task object (the pipeline's train split) overrides the name
         self.task = task or build_task(cfg.task.name, cfg.task.options)
@@ -60,7 +63,13 @@ class PPOTrainer:
         self.runtime = runtime or Runtime()
         self.amp = autocast_dtype(cfg.precision, self.runtime.device)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        examples = self.task.load(cfg.task.data)[: cfg.task.limit]
+        examples = self.task.load_all(cfg.task.data)
+        if cfg.eval.every and eval_examples is None:  # held-out rows never reach the rollout
+            if cfg.task.eval_data is not None:
+                eval_examples = self.task.load_all(cfg.task.eval_data)
+            else:
+                examples, eval_examples = split_held_out(examples, cfg.task.eval_fraction, cfg.seed)
+        examples = examples[: cfg.task.limit]
         self.prompts = build_prompts(
             examples, self.tokenizer, system_prompt=self.task.system_prompt,
             use_chat_template=cfg.rollout.use_chat_template, max_prompt_tokens=cfg.rollout.max_prompt_tokens,
@@ -89,6 +98,9 @@ class PPOTrainer:
         self.global_batch = cfg.rollout.batch_size * self.runtime.world_size
         self.state = PPOCheckpointer(self)
         self.start_step = self.state.maybe_resume() if cfg.resume else 0
+        self.watch = Watch(cfg.eval, cfg.guard, self.task, eval_examples or [], self.tokenizer, cfg.output_dir,
+                           autocast=self.amp, seed=cfg.seed, is_main=self.runtime.is_main,
+                           export=self.state.export_final, resumed=self.start_step > 0)
         if self.runtime.is_main:
             save_config(cfg, cfg.output_dir)
         # Everything allocated so far lives for the whole run: freeze it out of the collector's scans, so
@@ -307,26 +319,34 @@ class PPOTrainer:
         logger = MetricsLogger(cfg.output_dir, enabled=self.runtime.is_main, total=cfg.max_steps,
                                initial=self.start_step, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
         last: dict[str, float] = {}
+        trip, done = None, self.start_step
         try:
             for step in range(self.start_step, cfg.max_steps):
                 out = self.step(step)
+                done = step + 1
+                trip = self.watch.after_step(done, cfg.max_steps, lambda: self.actor.policy, out.metrics)
                 last = out.metrics
-                if (step + 1) % cfg.log.every == 0 or step + 1 == cfg.max_steps:
-                    logger.log(step + 1, out.metrics, ("reward/mean", "objective/kl", "time/step_s"))
-                if cfg.log.samples_every and (step + 1) % cfg.log.samples_every == 0:
-                    logger.samples(step + 1, out.samples)
-                if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.max_steps:
-                    self.state.save(step + 1)
-            self.state.save(cfg.max_steps)
+                if done % cfg.log.every == 0 or done == cfg.max_steps or trip is not None:
+                    logger.log(done, out.metrics, ("reward/mean", "objective/kl", "time/step_s"))
+                if cfg.log.samples_every and done % cfg.log.samples_every == 0:
+                    logger.samples(done, out.samples)
+                if trip is not None:
+                    break
+                if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.max_steps:
+                    self.state.save(done)
+            self.state.save(done)
             self.state.export_final()
+            if trip is not None:
+                self.watch.rollback(trip)
         finally:
             logger.close()
         return last
 
 
 def train_ppo(config: PPORunConfig, reward_fn: RewardFn | list[RewardFn] | None = None,
-              task: Task | None = None) -> dict[str, float]:
-    """Python API: run PPO with `config`; optional extra reward function(s) (prompts, completions, **fields)
-    and an optional Task object used instead of config.task.name."""
-    return PPOTrainer(config, reward_fn=reward_fn, task=task).train()
+              task: Task | None = None, eval_examples: list[Example] | None = None) -> dict[str, float]:
+    """Python API: run PPO with `config`; optional extra reward function(s) (prompts, completions, **fields),
+    an optional Task object used instead of config.task.name, and optional held-out examples for
+    `eval.every` (default: task.eval_data, or eval_fraction of the task's data split off)."""
+    return PPOTrainer(config, reward_fn=reward_fn, task=task, eval_examples=eval_examples).train()
 

@@ -110,14 +110,14 @@ class PPOCheckpointer:
             raise CheckpointError(f"{directory}: weights do not match the model (missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]})")
 
-    def export_final(self) -> Path | None:
-        """output_dir/final: a plain HF model directory (LoRA merged) + tokenizer + decoding settings."""
+    def export_final(self, name: str = "final") -> Path | None:
+        """output_dir/`name` (final, best): a plain HF model directory (LoRA merged) + tokenizer + decoding."""
         t = self.t
         if not t.runtime.is_main:
             t.runtime.wait()
             return None
         r, d = t.cfg.rollout, t.task.decoding
-        out = export_model(t.actor.policy, t.tokenizer, Path(t.cfg.output_dir) / "final", {"ppolm_decoding.json": {
+        out = export_model(t.actor.policy, t.tokenizer, Path(t.cfg.output_dir) / name, {"ppolm_decoding.json": {
             "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
             "max_new_tokens": r.max_new_tokens, "stop": list(r.stop or d.stop),
             "system_prompt": t.task.system_prompt, "task": t.cfg.task.name,

@@ -278,6 +278,10 @@ class RMTrainer:
         """Run steps start_step .. total_steps; returns the last step's metrics (with the final evaluation)."""
         return train_loop(self, "rm", ("loss/rm", "eval/pairwise_accuracy", "time/step_s"))
 
+    def generating_model(self) -> nn.Module:
+        """A reward model does not generate: it has no task-metric evaluation during training."""
+        raise NotImplementedError("reward models are not evaluated by generation")
+
 
 def train_rm(config: RMRunConfig) -> dict[str, float]:
     """Python API: train a reward model with `config`; the model is written to output_dir/final."""

@@ -24,7 +24,10 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ppolm.algo.losses import sft_loss
-from ppolm.config import CheckpointConfig, CommonConfig, LogConfig, LoraConfig, OptimConfig, TaskConfig, save_config
+from ppolm.config import (
+    CheckpointConfig, CommonConfig, EvalConfig, GuardConfig, LogConfig, LoraConfig, OptimConfig, TaskConfig,
+    check_guard, save_config,
+)
 from ppolm.data.collate import apply_chat_template, right_pad_collate
 from ppolm.data.readers import read_records
 from ppolm.errors import DataError, ModelLoadError
@@ -39,6 +42,7 @@ from ppolm.trainers.common import (
 )
 from ppolm.trainers.resume import data_fingerprint
 from ppolm.trainers.prompts import step_rows
+from ppolm.trainers.watch import Watch
 
 ROLES = ("system", "user", "assistant")
 
@@ -61,7 +65,7 @@ class SFTRunConfig(CommonConfig):
     use_chat_template: bool = True
     """Wrap prompts in the tokenizer's chat template when it has one (as PPO and serving do)."""
     eval_every: int = Field(0, ge=0)
-    """Held-out loss every N steps (0 = only at the end)."""
+    """Held-out loss (eval/loss) every N steps (0 = only at the end); the task's own metric is `eval.every`."""
     eval_batch_size: int = Field(8, ge=1)
     """Rows per forward when evaluating."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -72,11 +76,20 @@ class SFTRunConfig(CommonConfig):
     """Logging."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpointing."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """The task's metric on held-out examples during training, and best-checkpoint keeping."""
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    """Guardrails: stop and roll back when the held-out metric drops or the predictions collapse."""
 
     @model_validator(mode="after")
     def _check_batches(self) -> "SFTRunConfig":
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"grad_accum_steps ({self.grad_accum_steps}) must divide batch_size ({self.batch_size})")
+        if self.guard.max_kl is not None:
+            raise ValueError("guard.max_kl watches PPO's KL to the reference; SFT has none")
+        check_guard(self.eval, self.guard)
+        if self.eval.every and self.chat_data is not None:
+            raise ValueError("eval.every runs the task's metric on task examples; chat_data has none")
         return self
 
 
@@ -221,7 +234,8 @@ class CompletionLogprobs(nn.Module):
 class SFTTrainer:
     """Owns the model, optimizer and data of one SFT run. `train()` runs it; `step(s)` runs one step."""
 
-    def __init__(self, config: SFTRunConfig, task: Task | None = None, runtime: Runtime | None = None):
+    def __init__(self, config: SFTRunConfig, task: Task | None = None, runtime: Runtime | None = None,
+                 eval_examples: list[Example] | None = None):
         self.cfg = cfg = config
         self.task = task or build_task(cfg.task.name, cfg.task.options)  # options validated before any model loads
         self.task_name = cfg.task.name if task is None else task.name
@@ -230,7 +244,7 @@ class SFTTrainer:
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         if self.tokenizer.eos_token_id is None:
             raise ModelLoadError(f"model '{cfg.model}': the tokenizer has no EOS token to end completions with")
-        self.train_rows, self.eval_rows = self._load_data()
+        self.train_rows, self.eval_rows, held = self._load_data()
         self.global_batch = cfg.batch_size * self.runtime.world_size
         self.total_steps = total_steps(cfg.max_steps, cfg.epochs, len(self.train_rows), self.global_batch)
         lm = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
@@ -243,20 +257,24 @@ class SFTTrainer:
         fingerprint = data_fingerprint([f"{r.input_ids}{r.completion_mask}" for r in self.train_rows])
         self.checkpointer = RunCheckpointer(self.runtime, cfg, self.scorer.lm, self.optim, fingerprint)
         self.start_step = self.checkpointer.maybe_resume() if cfg.resume else 0
+        self.watch = Watch(cfg.eval, cfg.guard, self.task, held if eval_examples is None else eval_examples,
+                           self.tokenizer, cfg.output_dir, autocast=self.amp, seed=cfg.seed,
+                           is_main=self.runtime.is_main, export=self.export_final, resumed=self.start_step > 0)
         if self.runtime.is_main:
             save_config(cfg, cfg.output_dir)
         gc.collect()  # everything so far lives for the whole run: keep it out of the collector's scans
         gc.freeze()
 
-    def _load_data(self) -> tuple[list[SFTSequence], list[SFTSequence]]:
+    def _load_data(self) -> tuple[list[SFTSequence], list[SFTSequence], list[Example]]:
+        """Training rows, held-out rows (eval/loss) and the held-out examples themselves (eval.every)."""
         cfg, t = self.cfg, self.cfg.task
         what = cfg.chat_data or t.data or t.name
         if cfg.chat_data is not None:
             train, held = split_held_out(read_chat(cfg.chat_data), t.eval_fraction, cfg.seed)
         elif t.eval_data is not None:
-            train, held = self.task.load(t.data), self.task.load(t.eval_data)
+            train, held = self.task.load_all(t.data), self.task.load_all(t.eval_data)
         else:
-            train, held = split_held_out(self.task.load(t.data), t.eval_fraction, cfg.seed)
+            train, held = split_held_out(self.task.load_all(t.data), t.eval_fraction, cfg.seed)
         train, held = train[: t.limit], held[: t.eval_limit]
         kw = dict(system_prompt=self.task.system_prompt, use_chat_template=cfg.use_chat_template,
                   max_length=cfg.max_length)
@@ -267,7 +285,7 @@ class SFTTrainer:
                   f"max_length={cfg.max_length} tokens")
         if not train_rows:
             raise DataError(what, None, None, f"no training row fits max_length={cfg.max_length} tokens")
-        return train_rows, eval_rows
+        return train_rows, eval_rows, held
 
     def step(self, step: int) -> dict[str, float]:
         """One optimizer step (0-based `step`) over this process's batch_size rows, in grad_accum_steps parts."""
@@ -311,24 +329,30 @@ class SFTTrainer:
         self.scorer.train()
         return {"eval/loss": float(rt.sum(nll)) / max(float(rt.sum(count)), 1.0)}
 
-    def export_final(self) -> Path | None:
-        """output_dir/final: HF model directory (LoRA merged) + tokenizer + ppolm_decoding.json."""
+    def export_final(self, name: str = "final") -> Path | None:
+        """output_dir/`name` (final, best): HF model directory (LoRA merged) + tokenizer + ppolm_decoding.json."""
         out = None
         if self.runtime.is_main:
             d = self.task.decoding
             decoding = {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
                         "max_new_tokens": d.max_new_tokens, "stop": list(d.stop),
                         "system_prompt": self.task.system_prompt, "task": self.task_name}
-            out = export_model(self.scorer.lm, self.tokenizer, Path(self.cfg.output_dir) / "final",
+            out = export_model(self.scorer.lm, self.tokenizer, Path(self.cfg.output_dir) / name,
                                {"ppolm_decoding.json": decoding})
         self.runtime.wait()
         return out
 
     def train(self) -> dict[str, float]:
         """Run steps start_step .. total_steps; returns the last step's metrics (with the final evaluation)."""
-        return train_loop(self, "sft", ("loss/sft", "eval/loss", "time/step_s"))
+        return train_loop(self, "sft", ("loss/sft", "eval/loss", "time/step_s"), watch=self.watch)
+
+    def generating_model(self) -> nn.Module:
+        """The language model as generation sees it (for the task metric during training)."""
+        return self.scorer.lm
 
 
-def train_sft(config: SFTRunConfig, task: Task | None = None) -> dict[str, float]:
-    """Python API: run SFT with `config` (optionally on a Task object instead of config.task.name)."""
-    return SFTTrainer(config, task=task).train()
+def train_sft(config: SFTRunConfig, task: Task | None = None,
+              eval_examples: list[Example] | None = None) -> dict[str, float]:
+    """Python API: run SFT with `config` (optionally on a Task object instead of config.task.name, and with
+    held-out examples for `eval.every` other than the split of the task's data)."""
+    return SFTTrainer(config, task=task, eval_examples=eval_examples).train()

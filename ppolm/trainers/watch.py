@@ -1,0 +1,181 @@
+"""Held-out evaluation during training, best-checkpoint keeping and guardrails (shared by SFT and PPO).
+
+Every ``eval.every`` steps (and at the last step) the trainer's model decodes a fixed, evenly spread set of
+held-out examples with the task's own decoding and metric; the numbers are logged as ``eval/<metric>``.
+When the watched metric reaches a new best, the model is exported to ``output_dir/best`` (with
+``best.json``: step, metric, value). The guard stops a run when
+
+* the watched metric falls more than ``guard.max_drop`` below its best so far,
+* one predicted label takes more than ``guard.collapse_share`` of the held-out predictions while no gold
+  label does (the "answers one label to everything" failure), or
+* the sampled KL to the reference passes ``guard.max_kl`` (PPO, checked every step),
+
+then rolls back: ``final/`` becomes a copy of ``best/``, and ``guard.json`` records what happened. No peer
+framework (TRL, OpenRLHF, verl) ships this; it is what a careful user does by hand after a bad run.
+
+Every process evaluates the same examples, so all of them reach the same decision without a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ppolm.config import EvalConfig, GuardConfig
+from ppolm.eval.run import evaluate, spread
+from ppolm.state_io import save_json
+from ppolm.tasks.base import Example, Task
+
+LOWER_IS_BETTER = frozenset({"ter", "loss", "perplexity"})
+
+
+@dataclass(frozen=True)
+class GuardTrip:
+    """Why and when a run was stopped, and what it was rolled back to."""
+
+    step: int
+    reason: str
+    best_step: int | None
+    best_value: float | None
+    metric: str
+    rolled_back: bool = False
+
+    def line(self) -> str:
+        back = (f"final/ rolled back to step {self.best_step} ({self.metric} {self.best_value:.4f})"
+                if self.rolled_back else "final/ keeps the last weights")
+        return f"guard stopped the run at step {self.step}: {self.reason}; {back}"
+
+
+def label_shares(predictions: Sequence[dict]) -> tuple[float, float] | None:
+    """(share of the most frequent predicted label, share of the most frequent gold label) over predictions
+    whose scores name a predicted label (classification); None for tasks without labels. A prediction that
+    names no label counts in the denominator, not as a label."""
+    rows = [p for p in predictions if isinstance(p.get("scores"), dict) and "predicted" in p["scores"]]
+    if not rows:
+        return None
+    pred = Counter(p["scores"]["predicted"] for p in rows if p["scores"]["predicted"] is not None)
+    gold = Counter(p["reference"] for p in rows)
+    return (pred.most_common(1)[0][1] / len(rows) if pred else 0.0), gold.most_common(1)[0][1] / len(rows)
+
+
+class Watch:
+    """eval/guard of one run. `due` says when to evaluate, `evaluate` measures, `observe` keeps the best and
+    returns a GuardTrip when a guard fires, `rollback` makes final/ the best model."""
+
+    def __init__(self, eval_cfg: EvalConfig, guard: GuardConfig, task: Task, examples: Sequence[Example],
+                 tokenizer: PreTrainedTokenizerBase, output_dir: str | Path, *, autocast: torch.dtype | None,
+                 seed: int, is_main: bool, export: Callable[[str], Path | None], resumed: bool):
+        self.cfg, self.guard, self.task, self.tokenizer = eval_cfg, guard, task, tokenizer
+        self.examples = spread(list(examples), eval_cfg.limit)
+        self.metric = eval_cfg.metric or task.primary_metric
+        self.sign = -1.0 if self.metric in LOWER_IS_BETTER else 1.0
+        self.out, self.autocast, self.seed, self.is_main, self.export = Path(output_dir), autocast, seed, is_main, export
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        best = self.out / "best.json"
+        if not resumed and is_main:  # a fresh run must not inherit an earlier run's best or guard outcome
+            for stale in ("best.json", "guard.json"):
+                (self.out / stale).unlink(missing_ok=True)
+            shutil.rmtree(self.out / "best", ignore_errors=True)
+        if resumed and best.is_file():  # a resumed run keeps the best it had found
+            state = json.loads(best.read_text(encoding="utf-8"))
+            if state.get("metric") == self.metric:
+                self.best_value, self.best_step = float(state["value"]), int(state["step"])
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cfg.every) and bool(self.examples)
+
+    def due(self, done: int, total: int) -> bool:
+        """True after step `done` (1-based) when an evaluation is scheduled."""
+        return self.enabled and (done % self.cfg.every == 0 or done == total)
+
+    @torch.no_grad()
+    def evaluate(self, model: PreTrainedModel, step: int) -> dict[str, float | str]:
+        """The task's metrics on the held-out examples as eval/<name> (scalars only), plus
+        eval/top_pred_share and eval/top_gold_share for label tasks. The model's train/eval mode is kept."""
+        was_training = model.training
+        try:
+            result = evaluate(self.task, model, self.tokenizer, self.examples, batch_size=self.cfg.batch_size,
+                              autocast=self.autocast, seed=self.seed, label_scores=False)
+        finally:
+            model.train(was_training)
+        out: dict[str, float | str] = {f"eval/{k}": float(v) for k, v in result.metrics.items()
+                                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        shares = label_shares(result.predictions)
+        if shares is not None:
+            out["eval/top_pred_share"], out["eval/top_gold_share"] = shares
+        if f"eval/{self.metric}" not in out:
+            from ppolm.errors import ConfigError
+
+            have = ", ".join(k[5:] for k in out)
+            raise ConfigError(f"eval.metric '{self.metric}' is not a metric of task {self.task.name} (have: {have})")
+        return out
+
+    def after_step(self, done: int, total: int, model: Callable[[], PreTrainedModel],
+                   metrics: dict[str, float | str]) -> GuardTrip | None:
+        """The loop's hook after step `done`: evaluate when due (adding eval/* and time/eval_s to `metrics`),
+        then `observe`; a trip is recorded in `metrics` as guard/stopped and guard/reason."""
+        if self.due(done, total):
+            t0 = time.perf_counter()
+            metrics.update(self.evaluate(model(), done))
+            metrics["time/eval_task_s"] = time.perf_counter() - t0
+        trip = self.observe(done, metrics)
+        if trip is not None:
+            metrics.update({"guard/stopped": 1.0, "guard/reason": trip.reason})
+        return trip
+
+    def observe(self, step: int, metrics: dict[str, float | str]) -> GuardTrip | None:
+        """After step `step`: keep a new best (export best/), then check the guards. Returns the trip, if any."""
+        g = self.guard
+        value = metrics.get(f"eval/{self.metric}")
+        if isinstance(value, float):
+            drop = None if self.best_value is None else self.sign * (self.best_value - value)
+            if self.best_value is None or self.sign * (value - self.best_value) > 0:
+                self.best_value, self.best_step = value, step
+                if self.cfg.keep_best:
+                    self.export("best")
+                    if self.is_main:
+                        save_json(self.out / "best.json", {"step": step, "metric": self.metric, "value": value})
+            elif g.max_drop is not None and drop is not None and drop > g.max_drop:
+                return self._trip(step, f"held-out {self.metric} {value:.4f} is {drop:.4f} below its best "
+                                        f"{self.best_value:.4f} (step {self.best_step}; guard.max_drop {g.max_drop})")
+            share, gold_share = metrics.get("eval/top_pred_share"), metrics.get("eval/top_gold_share")
+            if (g.collapse_share is not None and isinstance(share, float) and isinstance(gold_share, float)
+                    and share > g.collapse_share >= gold_share):
+                return self._trip(step, f"one label takes {share:.0%} of the held-out predictions "
+                                        f"(gold at most {gold_share:.0%}; guard.collapse_share {g.collapse_share})")
+        kl = metrics.get("objective/kl")
+        if g.max_kl is not None and isinstance(kl, float) and kl > g.max_kl:
+            return self._trip(step, f"KL to the reference {kl:.3f} nats passed guard.max_kl {g.max_kl}")
+        return None
+
+    def _trip(self, step: int, reason: str) -> GuardTrip:
+        can = self.guard.rollback and self.cfg.keep_best and self.best_step is not None
+        return GuardTrip(step, reason, self.best_step, self.best_value, self.metric, rolled_back=can)
+
+    def rollback(self, trip: GuardTrip) -> None:
+        """final/ := best/ when the trip allows it; write guard.json; one line on the console."""
+        if self.is_main:
+            if trip.rolled_back:
+                final, tmp = self.out / "final", self.out / "final.rollback-tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(self.out / "best", tmp)
+                shutil.rmtree(final, ignore_errors=True)
+                tmp.rename(final)
+            save_json(self.out / "guard.json", asdict(trip))
+            print(f"[ppolm] {trip.line()}", flush=True)
+
+
+def read_trip(output_dir: str | Path) -> GuardTrip | None:
+    """The guard outcome a run left in output_dir (None when no guard fired)."""
+    path = Path(output_dir) / "guard.json"
+    return GuardTrip(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
