@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from ppolm.config import ConfigError, PPORunConfig, Section, TaskConfig, save_config
 from ppolm.tasks import Example, Task, build_task
+from ppolm.eval.run import spread
 from ppolm.trainers.common import split_held_out
 
 
@@ -27,8 +28,19 @@ class StagesConfig(Section):
     """Run direct supervised training on the task's references."""
     ppo: bool = True
     """Run PPO."""
-    ppo_from: Literal["base", "sft"] = "base"
-    """Start PPO from the base model (an SFT-vs-PPO comparison) or from the SFT model (SFT then PPO)."""
+    ppo_from: Literal["base", "sft"] | list[Literal["base", "sft"]] = "base"
+    """Start PPO from the base model (an SFT-vs-PPO comparison), from the SFT model (SFT then PPO, the
+    recommended recipe), or both ([base, sft]: each is a candidate)."""
+
+    def ppo_starts(self) -> list[str]:
+        starts = [self.ppo_from] if isinstance(self.ppo_from, str) else list(dict.fromkeys(self.ppo_from))
+        return starts if self.ppo else []
+
+    @model_validator(mode="after")
+    def _check_starts(self) -> "StagesConfig":
+        if "sft" in self.ppo_starts() and not self.sft:
+            raise ValueError("stages.ppo_from: sft needs stages.sft: true")
+        return self
 
 
 class TargetConfig(Section):
@@ -56,6 +68,14 @@ class EvalStageConfig(Section):
     """Evaluate on at most this many held-out examples (spread over the split)."""
     batch_size: int = Field(16, ge=1)
     """Prompts per generation batch."""
+    extra: dict[str, str | list[str]] = Field(default_factory=dict)
+    """More test sets by name, e.g. a domain the training never sees: every candidate is evaluated on each
+    (at most `limit` examples, spread over the file)."""
+    validation: int = Field(64, ge=0)
+    """Rows taken out of the training split for the stages' own checks during training (their eval.every,
+    best checkpoint and guards), so the test split stays unseen until the end (0 = none)."""
+    use_best: bool = True
+    """Evaluate and export a stage's best/ model (chosen on the validation rows) when it kept one, else final/."""
 
 
 class PipelineConfig(Section):
@@ -120,6 +140,7 @@ class SplitTask(Task):
         self.base, self.examples = base, examples
         self.name, self.options = base.name, base.options
         self.system_prompt, self.decoding = base.system_prompt, base.decoding
+        self.primary_metric = base.primary_metric
 
     def load(self, path: str | None) -> list[Example]:
         return list(self.examples)
@@ -139,7 +160,8 @@ class SplitTask(Task):
 
 @dataclass
 class Candidate:
-    """One evaluated model: where it is, its metrics, how long its training took, its predictions."""
+    """One evaluated model: where it is, its metrics on the test split (and on each extra set), how long its
+    training took, its predictions, and what its guard did."""
 
     name: str
     model_dir: str
@@ -148,6 +170,8 @@ class Candidate:
     eval_seconds: float
     predictions: list[dict] = field(default_factory=list)
     run_dir: str | None = None
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    guard: str | None = None
 
 
 def _say(msg: str) -> None:
@@ -156,7 +180,7 @@ def _say(msg: str) -> None:
 
 def evaluate_model(cfg: PipelineConfig, task: Task, model_dir: str, examples: list[Example], name: str,
                    reference: str | None) -> tuple[dict, list[dict], float]:
-    """Evaluate one model on the held-out split; writes eval-<name>/metrics.json and predictions.jsonl."""
+    """Evaluate one model on `examples`; writes eval-<name>/metrics.json and predictions.jsonl."""
     import torch
 
     from ppolm.eval.run import evaluate
@@ -186,11 +210,46 @@ def _score(c: Candidate, target: TargetConfig) -> float:
     return float(v) if target.higher_is_better else -float(v)
 
 
+def _meets(c: Candidate, target: TargetConfig) -> bool:
+    return target.min is None or _score(c, target) >= (target.min if target.higher_is_better else -target.min)
+
+
+class Evaluator:
+    """Evaluates every candidate on the test split and on each extra set, the same way."""
+
+    def __init__(self, cfg: PipelineConfig, task: Task, test: list[Example], extra: dict[str, list[Example]]):
+        self.cfg, self.task, self.test, self.extra = cfg, task, test, extra
+
+    def __call__(self, name: str, model_dir: str, reference: str | None, train_seconds: float,
+                 run_dir: str | None = None) -> Candidate:
+        m, preds, secs = evaluate_model(self.cfg, self.task, model_dir, self.test, name, reference)
+        c = Candidate(name, model_dir, m, train_seconds, secs, preds, run_dir)
+        for set_name, examples in self.extra.items():
+            em, _, esecs = evaluate_model(self.cfg, self.task, model_dir, examples, f"{name}-{set_name}", reference)
+            c.extra[set_name], c.eval_seconds = em, c.eval_seconds + esecs
+        metric = self.cfg.target.metric
+        more = "".join(f", {k} {_fmt(v.get(metric))}" for k, v in c.extra.items())
+        took = f" ({train_seconds:.0f} s training)" if run_dir else ""
+        _say(f"   {name}: {metric} {_fmt(m.get(metric))} on the test split{more}{took}")
+        return c
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def stage_model(cfg: PipelineConfig, run_dir: Path) -> str:
+    """The model a stage hands on: best/ (chosen on the validation rows) when kept and wanted, else final/."""
+    best = run_dir / "best"
+    return str(best if cfg.eval.use_best and (best / "config.json").is_file() else run_dir / "final")
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run the whole flow; returns the headline numbers."""
     from ppolm.models import load_model
     from ppolm.trainers.ppo import train_ppo
     from ppolm.trainers.sft import train_sft
+    from ppolm.trainers.watch import read_trip
 
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -200,54 +259,54 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
     _say(f"1/6 preprocess: task {cfg.task.name}, data {cfg.task.data or '(shipped demo set)'}")
     if cfg.task.eval_data:
-        train, held = task.load(cfg.task.data), task.load(cfg.task.eval_data)
+        train, held = task.load_all(cfg.task.data), task.load_all(cfg.task.eval_data)
     else:
-        train, held = split_held_out(task.load(cfg.task.data), cfg.task.eval_fraction, cfg.seed)
+        train, held = split_held_out(task.load_all(cfg.task.data), cfg.task.eval_fraction, cfg.seed)
     train = train[: cfg.task.limit]
-    held = held[: cfg.eval.limit or cfg.task.eval_limit]
-    _say(f"   {len(train)} training and {len(held)} held-out examples")
+    held = spread(held, cfg.eval.limit or cfg.task.eval_limit)
+    val: list[Example] = []
+    if cfg.eval.validation and len(train) > cfg.eval.validation:
+        train, val = split_held_out(train, cfg.eval.validation / len(train), cfg.seed + 1)
+    extra = {k: spread(task.load_all(v), cfg.eval.limit) for k, v in cfg.eval.extra.items()}
+    sets = "".join(f", {len(v)} in {k}" for k, v in extra.items())
+    _say(f"   {len(train)} training, {len(val)} validation and {len(held)} test examples{sets}")
     train_task = SplitTask(task, train)
 
     _say(f"2/6 load model {cfg.model}")
     load_model(cfg.model)  # converts the embedded GGUF once, before any timing starts
     base_dir = cfg.model
-    candidates: list[Candidate] = []
+    evaluator = Evaluator(cfg, task, held, extra)
 
     _say("3/6 evaluate the base model")
-    m, preds, secs = evaluate_model(cfg, task, base_dir, held, "base", None)
-    candidates.append(Candidate("base", base_dir, m, 0.0, secs, preds))
-    _say(f"   base: {cfg.target.metric} = {m.get(cfg.target.metric)}")
+    candidates: list[Candidate] = [evaluator("base", base_dir, None, 0.0)]
 
-    start_dir = base_dir
+    starts = {"base": base_dir}
     if cfg.stages.sft:
         _say("4/6 SFT (direct supervised training)")
         scfg = stage_config(cfg, "sft", cfg.sft, out / "sft", base_dir)
         t0 = time.perf_counter()
-        train_sft(scfg, task=train_task)
-        train_secs = time.perf_counter() - t0
-        sft_dir = str(out / "sft" / "final")
-        m, preds, secs = evaluate_model(cfg, task, sft_dir, held, "sft", base_dir)
-        candidates.append(Candidate("sft", sft_dir, m, train_secs, secs, preds, str(out / "sft")))
-        _say(f"   sft: {cfg.target.metric} = {m.get(cfg.target.metric)} ({train_secs:.0f} s training)")
-        if cfg.stages.ppo_from == "sft":
-            start_dir = sft_dir
+        train_sft(scfg, task=train_task, eval_examples=val or None)
+        c = evaluator("sft", stage_model(cfg, out / "sft"), base_dir, time.perf_counter() - t0, str(out / "sft"))
+        c.guard = _guard_line(read_trip(out / "sft"))
+        candidates.append(c)
+        starts["sft"] = c.model_dir
 
-    if cfg.stages.ppo:
-        ppo_extra = dict(cfg.ppo)
+    for origin in cfg.stages.ppo_starts():
+        ppo_extra, start_dir = dict(cfg.ppo), starts[origin]
+        prefix = "ppo" if origin == "base" else "sft-ppo"
         for attempt in range(cfg.adjust.max_retries + 1):
-            name = "ppo" if attempt == 0 else f"ppo-retry{attempt}"
-            _say(f"5/6 PPO ({name}) from {'the SFT model' if start_dir != base_dir else base_dir}")
+            name = prefix if attempt == 0 else f"{prefix}-retry{attempt}"
+            _say(f"5/6 PPO ({name}) from {'the SFT model' if origin == 'sft' else base_dir}")
             pcfg = stage_config(cfg, "ppo", ppo_extra, out / name, start_dir)
             t0 = time.perf_counter()
-            train_ppo(pcfg, task=train_task)
-            train_secs = time.perf_counter() - t0
-            ppo_dir = str(out / name / "final")
-            m, preds, secs = evaluate_model(cfg, task, ppo_dir, held, name, start_dir)
-            candidates.append(Candidate(name, ppo_dir, m, train_secs, secs, preds, str(out / name)))
-            _say(f"   {name}: {cfg.target.metric} = {m.get(cfg.target.metric)} ({train_secs:.0f} s training)")
-            if cfg.target.min is None or _score(candidates[-1], cfg.target) >= (
-                cfg.target.min if cfg.target.higher_is_better else -cfg.target.min
-            ):
+            train_ppo(pcfg, task=train_task, eval_examples=val or None)
+            c = evaluator(name, stage_model(cfg, out / name), start_dir, time.perf_counter() - t0, str(out / name))
+            trip = read_trip(out / name)
+            c.guard = _guard_line(trip)
+            candidates.append(c)
+            if c.guard:
+                _say(f"   {c.guard}")
+            if _meets(c, cfg.target) and trip is None:
                 break
             if attempt < cfg.adjust.max_retries:
                 # the declared adjust policy: a smaller step and a tighter leash on the reference
@@ -255,7 +314,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
                 kl = max(pcfg.kl.coef, 1e-3) * cfg.adjust.kl_factor
                 ppo_extra = {**ppo_extra, "optim": {**ppo_extra.get("optim", {}), "lr": lr},
                              "kl": {**ppo_extra.get("kl", {}), "coef": kl}}
-                _say(f"   below the bar {cfg.target.min}: retrying PPO with optim.lr={lr:.3g}, kl.coef={kl:.3g}")
+                why = "its guard stopped it" if trip else f"below the bar {cfg.target.min}"
+                _say(f"   {why}: retrying PPO with optim.lr={lr:.3g}, kl.coef={kl:.3g}")
 
     chosen = (max(candidates, key=lambda c: _score(c, cfg.target)) if cfg.adjust.rollback == "best"
               else candidates[-1])
@@ -264,9 +324,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     summary = {
         "chosen": chosen.name, "export_dir": str(export_dir), "target_metric": cfg.target.metric,
         "target_min": cfg.target.min, "wall_seconds": time.perf_counter() - t_start,
-        "stages": {c.name: {"metrics": {k: v for k, v in c.metrics.items() if isinstance(v, (int, float))},
-                            "train_seconds": c.train_seconds, "eval_seconds": c.eval_seconds,
-                            "model_dir": c.model_dir} for c in candidates},
+        "split": {"train": len(train), "validation": len(val), "test": len(held),
+                  **{k: len(v) for k, v in extra.items()}},
+        "stages": {c.name: {"metrics": _scalars(c.metrics), "train_seconds": c.train_seconds,
+                            "eval_seconds": c.eval_seconds, "model_dir": c.model_dir, "guard": c.guard,
+                            "extra": {k: _scalars(v) for k, v in c.extra.items()}} for c in candidates},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if cfg.report:
@@ -276,6 +338,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         summary["report"] = str(paths[0])
     _print_headline(cfg, candidates, chosen, summary)
     return {f"{c.name}/{cfg.target.metric}": c.metrics.get(cfg.target.metric) for c in candidates}
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _guard_line(trip) -> str | None:
+    return None if trip is None else trip.line()
 
 
 def export_candidate(chosen: Candidate, task: Task, dest: Path, base: str) -> Path:
@@ -302,11 +372,14 @@ def export_candidate(chosen: Candidate, task: Task, dest: Path, base: str) -> Pa
 
 def _print_headline(cfg: PipelineConfig, candidates: list[Candidate], chosen: Candidate, summary: dict) -> None:
     metric = cfg.target.metric
-    print("\n== ppolm run: results on the held-out split ==")
-    print(f"{'stage':14s} {metric:>12s} {'train s':>9s}")
+    sets = list(candidates[0].extra)
+    print(f"\n== ppolm run: {metric} on the test split{''.join(', ' + k for k in sets)} ==")
+    print(f"{'stage':16s} {'test':>8s}" + "".join(f" {k[:14]:>14s}" for k in sets) + f" {'train s':>8s}")
     for c in candidates:
-        v = c.metrics.get(metric)
-        print(f"{c.name:14s} {v if not isinstance(v, float) else round(v, 4):>12} {c.train_seconds:9.0f}")
+        cells = [c.metrics.get(metric), *[c.extra.get(k, {}).get(metric) for k in sets]]
+        text = [round(v, 4) if isinstance(v, float) else v for v in cells]
+        print(f"{c.name:16s} {text[0]!s:>8s}" + "".join(f" {v!s:>14s}" for v in text[1:])
+              + f" {c.train_seconds:8.0f}" + ("  (guard stopped it)" if c.guard else ""))
     print(f"chosen: {chosen.name}; exported to {summary['export_dir']}")
     if "report" in summary:
         print(f"report: {summary['report']}")

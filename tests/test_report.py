@@ -26,8 +26,19 @@ def pipeline_run(tmp_path_factory):
 def test_pipeline_runs_every_stage_and_exports(pipeline_run):
     out, result = pipeline_run
     summary = json.loads((out / "summary.json").read_text())
-    # the tiny model misses the bar, so the declared adjust policy retries PPO once
-    assert list(summary["stages"]) == ["base", "sft", "ppo", "ppo-retry1"]
+    # the tiny model misses the bar (and its KL guard fires), so the declared adjust policy retries each PPO once
+    assert list(summary["stages"]) == ["base", "sft", "ppo", "ppo-retry1", "sft-ppo", "sft-ppo-retry1"]
+    assert summary["split"] == {"train": 56, "validation": 8, "test": 16, "unseen": 16}
+    for name in ("ppo", "sft-ppo"):
+        stage = summary["stages"][name]
+        assert "guard.max_kl" in stage["guard"] and "rolled back to step" in stage["guard"], stage["guard"]
+        assert (out / name / "guard.json").is_file() and (out / name / "best" / "config.json").is_file()
+        assert stage["model_dir"] == str(out / name / "best")
+        assert set(stage["extra"]["unseen"]) >= {"accuracy", "top_label_share"}
+    sft_rows = [json.loads(x) for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sft_rows if "eval/accuracy" in r] == [2, 4]
+    ppo_cfg = json.loads(json.dumps(__import__("yaml").safe_load((out / "sft-ppo" / "config.yaml").read_text())))
+    assert ppo_cfg["model"] == summary["stages"]["sft"]["model_dir"]  # SFT->PPO starts from SFT's model
     assert set(result) == {f"{s}/accuracy" for s in summary["stages"]}
     export = out / "export"
     decoding = json.loads((export / "ppolm_decoding.json").read_text())
@@ -51,6 +62,7 @@ def test_report_is_self_contained_with_plots(pipeline_run):
     assert "src='http" not in page and 'src="http' not in page
     md = (out / "report.md").read_text()
     assert "| stage | accuracy" in md and "## Sample outputs before and after" in md
+    assert "## Task metrics on unseen" in md and "## Guardrails" in md and "guard.max_kl" in md
 
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium / chromedriver not installed")

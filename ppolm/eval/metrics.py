@@ -105,13 +105,14 @@ def classification_metrics(
         precision_c = TP_c / (TP_c + FP_c), recall_c = TP_c / (TP_c + FN_c), F1_c = 2PR / (P + R)
         macro = mean over classes; micro pools TP/FP/FN over classes. An invalid prediction is a FN
         of its true class and a FP of no class, so with invalid predictions micro-F1 != accuracy.
-        accuracy = mean(y_pred == y_true); invalid_rate = mean(y_pred not in labels).
+        accuracy = mean(y_pred == y_true); invalid_rate = mean(y_pred not in labels);
+        top_label_share = max_c mean(y_pred == c) (1.0 when every answer is the same label).
         ROC-AUC: binary -> AUC(y == labels[1], scores[:, 1]); C > 2 -> one-vs-rest macro, i.e. the
         mean of the per-class AUC(y == c, scores[:, c]) over classes where it is defined.
         Undefined values (no examples, single class present) are ``None``; 0/0 in P/R/F1 is 0.
 
     Returns:
-        dict with keys ``n, labels, accuracy, invalid_rate, precision_macro, recall_macro, f1_macro,
+        dict with keys ``n, labels, accuracy, invalid_rate, top_label_share, precision_macro, recall_macro, f1_macro,
         precision_micro, recall_micro, f1_micro, per_class`` ({label: {precision, recall, f1,
         support, auc}}), ``confusion_matrix`` (C x C list, rows = true, columns = predicted, invalid
         predictions left out), ``invalid_per_class`` ({true label: count}), ``roc_auc``,
@@ -147,6 +148,8 @@ def classification_metrics(
 
     result["accuracy"] = float(accuracy_score(t, p))
     result["invalid_rate"] = float(np.mean(p < 0))
+    # The "answers one label to everything" check: share of all predictions taken by the most frequent label.
+    result["top_label_share"] = float(np.bincount(p[p >= 0], minlength=n_classes).max() / n) if n else None
     for avg in ("macro", "micro"):
         prec, rec, f1, _ = precision_recall_fscore_support(
             t, p, labels=class_ids, average=avg, zero_division=0

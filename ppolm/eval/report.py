@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 CURVES = [("reward/mean", "reward"), ("objective/kl", "KL to reference"), ("policy/entropy", "entropy"),
           ("response/length_mean", "response length"), ("loss/value", "value loss")]
 HEADLINE_METRICS = ["accuracy", "f1_macro", "roc_auc", "f1", "micro_f1", "bleu", "chrf", "ter", "reward_mean",
-                    "kl_mean", "distinct_2", "perplexity", "invalid_rate"]
+                    "kl_mean", "distinct_2", "perplexity", "invalid_rate", "top_label_share"]
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -43,18 +43,32 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def training_curves(candidates) -> bytes | None:
-    """One panel per PPO curve (every PPO run overlaid) plus the SFT loss."""
-    ppo_runs = [(c.name, _read_jsonl(Path(c.run_dir) / "metrics.jsonl")) for c in candidates
-                if c.run_dir and c.name.startswith("ppo")]
-    sft_runs = [(c.name, _read_jsonl(Path(c.run_dir) / "metrics.jsonl")) for c in candidates
-                if c.run_dir and c.name == "sft"]
+def training_curves(candidates, metric: str | None = None) -> bytes | None:
+    """One panel per PPO curve (every PPO run overlaid), the SFT loss, and the held-out `metric` measured
+    during training (eval/<metric>, every run that logged it)."""
+    runs = [(c.name, _read_jsonl(Path(c.run_dir) / "metrics.jsonl")) for c in candidates if c.run_dir]
+    ppo_runs = [(name, rows) for name, rows in runs if "ppo" in name]
+    sft_runs = [(name, rows) for name, rows in runs if name == "sft"]
     panels = [(k, t) for k, t in CURVES if any(k in r for _, rows in ppo_runs for r in rows)]
     has_sft = any(rows for _, rows in sft_runs)
-    n = len(panels) + int(has_sft)
+    eval_key = f"eval/{metric}"
+    eval_runs = [(name, rows) for name, rows in runs if any(r.get(eval_key) is not None for r in rows)]
+    n = len(panels) + int(has_sft) + int(bool(eval_runs))
     if n == 0:
         return None
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
+    if eval_runs:
+        ax = axes[0][len(panels) + int(has_sft)]
+        for name, rows in eval_runs:
+            pts = [(r["step"], r[eval_key]) for r in rows if r.get(eval_key) is not None]
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=name)
+            stops = [r["step"] for r in rows if r.get("guard/stopped")]
+            for step in stops:
+                ax.axvline(step, color="tab:red", linestyle=":", linewidth=1)
+        ax.set_title(f"held-out {metric} during training", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
     for ax, (key, title) in zip(axes[0], panels):
         for name, rows in ppo_runs:
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
@@ -125,12 +139,27 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def metrics_table(candidates) -> tuple[list[str], list[list[str]]]:
-    keys = [k for k in HEADLINE_METRICS if any(isinstance(c.metrics.get(k), (int, float)) for c in candidates)]
-    header = ["stage", *keys, "train s", "eval s"]
-    rows = [[c.name, *[_fmt(c.metrics.get(k)) for k in keys], f"{c.train_seconds:.0f}", f"{c.eval_seconds:.0f}"]
+def metrics_table(candidates, extra_set: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """Stage x headline metric on the test split, or on the named extra set (then without the timings)."""
+    def of(c):
+        return c.metrics if extra_set is None else c.extra.get(extra_set, {})
+
+    keys = [k for k in HEADLINE_METRICS if any(isinstance(of(c).get(k), (int, float)) for c in candidates)]
+    timing = ["train s", "eval s"] if extra_set is None else []
+    header = ["stage", *keys, *timing]
+    rows = [[c.name, *[_fmt(of(c).get(k)) for k in keys],
+             *([f"{c.train_seconds:.0f}", f"{c.eval_seconds:.0f}"] if extra_set is None else [])]
             for c in candidates]
     return header, rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in rows]]
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    return ("<table><tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in header) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows) + "</table>")
 
 
 def samples(candidates, chosen, n: int = 6) -> list[dict]:
@@ -146,7 +175,7 @@ def samples(candidates, chosen, n: int = 6) -> list[dict]:
 
 def write_report(cfg, task, candidates, chosen, out: Path, summary: dict) -> tuple[Path, Path]:
     """Write out/report.html and out/report.md (+ out/report_files/*.png for the markdown)."""
-    figures = {"training curves": training_curves(candidates), "ROC curves": roc_figure(candidates),
+    figures = {"training curves": training_curves(candidates, cfg.target.metric), "ROC curves": roc_figure(candidates),
                "confusion matrices": confusion_figure(candidates)}
     header, rows = metrics_table(candidates)
     examples = samples(candidates, chosen)
@@ -156,8 +185,7 @@ def write_report(cfg, task, candidates, chosen, out: Path, summary: dict) -> tup
 
     md = [f"# {title}", "", f"Chosen model: **{chosen.name}** (exported to `{summary['export_dir']}`); target "
           f"`{cfg.target.metric}` >= {cfg.target.min}. Total wall time {summary['wall_seconds']:.0f} s.", "",
-          "## Task metrics on the held-out split", "", "| " + " | ".join(header) + " |",
-          "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in rows], ""]
+          "## Task metrics on the held-out split", "", *_md_table(header, rows), ""]
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
          "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
@@ -166,9 +194,16 @@ def write_report(cfg, task, candidates, chosen, out: Path, summary: dict) -> tup
          f"<p>Chosen model: <b>{html.escape(chosen.name)}</b>, exported to <code>{html.escape(summary['export_dir'])}"
          f"</code>. Target <code>{html.escape(cfg.target.metric)}</code> &ge; {cfg.target.min}. "
          f"Total wall time {summary['wall_seconds']:.0f} s.</p>",
-         "<h2>Task metrics on the held-out split</h2><table><tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in header)
-         + "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows)
-         + "</table>"]
+         "<h2>Task metrics on the held-out split</h2>" + _html_table(header, rows)]
+    for set_name in (candidates[0].extra if candidates else {}):
+        eh, er = metrics_table(candidates, set_name)
+        md += [f"## Task metrics on {set_name}", "", *_md_table(eh, er), ""]
+        h.append(f"<h2>Task metrics on {html.escape(set_name)}</h2>" + _html_table(eh, er))
+    guards = [(c.name, c.guard) for c in candidates if c.guard]
+    if guards:
+        md += ["## Guardrails", "", *[f"- {name}: {line}" for name, line in guards], ""]
+        h.append("<h2>Guardrails</h2><ul>" + "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(g)}</li>"
+                                                      for n, g in guards) + "</ul>")
     for name, png in figures.items():
         if png is None:
             continue
