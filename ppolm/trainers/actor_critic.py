@@ -69,12 +69,12 @@ def build_actor_critic(cfg: PPORunConfig, amp: torch.dtype | None) -> tuple[Acto
         torch.manual_seed(cfg.seed + 17)
         critic, value_head = None, None
         if cfg.critic.kind == "head":
-            value_head = ValueHead(hidden_size(policy))
+            value_head = ValueHead(hidden_size(policy), cfg.critic.head_init)
         else:
             source = cfg.reward.model if cfg.critic.init == "reward" else cfg.model
             backbone = load_model(source, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
             disable_dropout(backbone)
-            critic = SeparateCritic(backbone, ValueHead(hidden_size(backbone)))
+            critic = SeparateCritic(backbone, ValueHead(hidden_size(backbone), cfg.critic.head_init))
     return ActorCritic(policy, value_head, critic), reference
 
 
