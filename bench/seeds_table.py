@@ -1,0 +1,55 @@
+"""Mean ± std over seeds of `ppolm run` results: one Markdown table per metric from several summary.json files.
+
+    python bench/seeds_table.py runs/demo runs/demo-seed1 runs/demo-seed2 [--metrics accuracy,top_label_share]
+
+Each argument is a pipeline output_dir (its summary.json); stages are matched by name. Prints, per stage, the
+metric on the test split and on every extra set as mean ± std (sample std, n-1) with n, the training seconds,
+and the guard outcomes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--metrics", default="accuracy,top_label_share")
+    args = ap.parse_args()
+    summaries = [json.loads((Path(r) / "summary.json").read_text()) for r in args.runs]
+    stages = list(dict.fromkeys(name for s in summaries for name in s["stages"]))
+    sets = list(dict.fromkeys(k for s in summaries for st in s["stages"].values() for k in st.get("extra", {})))
+    for metric in args.metrics.split(","):
+        cols = ["test", *sets]
+        print(f"\n{metric} (mean ± std over {len(summaries)} runs)\n")
+        print("| stage | " + " | ".join(cols) + " | train s | n |")
+        print("|---|" + "---|" * (len(cols) + 2))
+        for name in stages:
+            rows = [s["stages"][name] for s in summaries if name in s["stages"]]
+            cells = [mean_std([r["metrics"][metric] for r in rows if metric in r["metrics"]])]
+            cells += [mean_std([r["extra"][k][metric] for r in rows if metric in r.get("extra", {}).get(k, {})])
+                      for k in sets]
+            secs = statistics.mean(r["train_seconds"] for r in rows)
+            print(f"| {name} | " + " | ".join(cells) + f" | {secs:.0f} | {len(rows)} |")
+    guards = [(s.get("seed", i), name, st["guard"]) for i, s in enumerate(summaries)
+              for name, st in s["stages"].items() if st.get("guard")]
+    if guards:
+        print("\nguard stops:")
+        for run, name, line in guards:
+            print(f"- run {run}, {name}: {line}")
+
+
+if __name__ == "__main__":
+    main()
