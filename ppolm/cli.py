@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", default="smollm2-135m-instruct")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key", default=None, help="require this Bearer key")
+    srv.add_argument("--api-key", default=None,
+                     help="require this Bearer key (prefer the PPOLM_API_KEY environment variable: flags show in ps)")
     srv.add_argument("--max-concurrent", type=int, default=None, help="429 past this many requests in flight")
 
     data = sub.add_parser("data", help="data preprocessing tools")
@@ -133,10 +135,17 @@ def _run_models() -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise PpolmError(f"ppolm serve needs the serve extra ({exc.name} is missing): pip install 'ppolm[serve]'") from None
     from ppolm.serve import ServeLimits, run_server
 
     limits = ServeLimits(max_concurrent_requests=args.max_concurrent) if args.max_concurrent else ServeLimits()
-    run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+    api_key = args.api_key or os.environ.get("PPOLM_API_KEY") or None
+    run_server(args.model, host=args.host, port=args.port, api_key=api_key, limits=limits)
     return 0
 
 
