@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -65,8 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", default="smollm2-135m-instruct")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key", default=None, help="require this Bearer key")
+    srv.add_argument("--api-key", default=None,
+                     help="require this Bearer key (prefer the PPOLM_API_KEY environment variable: flags show in ps)")
     srv.add_argument("--max-concurrent", type=int, default=None, help="429 past this many requests in flight")
+    srv.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                     help="dtype of the float weights (an int8 export keeps its int8 weights)")
+
+    exp = sub.add_parser("export", help="a serving-ready model directory: LoRA merged, weights fp32/bf16/int8")
+    exp.add_argument("--model", required=True, help="model name, exported/final directory or LoRA adapter directory")
+    exp.add_argument("--output", required=True, help="output directory (replaced if present)")
+    exp.add_argument("--quantize", default="none", choices=["none", "bf16", "int8"],
+                     help="int8 = torchao weight-only int8 (the quant extra)")
 
     data = sub.add_parser("data", help="data preprocessing tools")
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
@@ -133,10 +143,25 @@ def _run_models() -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise PpolmError(f"ppolm serve needs the serve extra ({exc.name} is missing): pip install 'ppolm[serve]'") from None
     from ppolm.serve import ServeLimits, run_server
 
     limits = ServeLimits(max_concurrent_requests=args.max_concurrent) if args.max_concurrent else ServeLimits()
-    run_server(args.model, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+    api_key = args.api_key or os.environ.get("PPOLM_API_KEY") or None
+    run_server(args.model, host=args.host, port=args.port, api_key=api_key, limits=limits, precision=args.precision)
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from ppolm.export import export_model_dir
+
+    out = export_model_dir(args.model, args.output, quantize=args.quantize)
+    print(f"exported {args.model} -> {out} (weights: {args.quantize})")
     return 0
 
 
@@ -155,6 +180,8 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return _load("ppolm.eval.run:generate_command")(args)
     if args.command == "serve":
         return _run_serve(args)
+    if args.command == "export":
+        return _run_export(args)
     parser.print_help()
     return 0
 

@@ -4,6 +4,8 @@ format (never a 5xx, never a hang), the server must stay healthy afterwards, and
 from __future__ import annotations
 
 import json
+import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -223,7 +225,8 @@ def test_too_many_concurrent_requests_get_429():
         with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
             lines = stream.iter_lines()  # one iterator: dropping a partly read one closes the response
             assert next(lines).startswith("data: ")
-            assert client.post("/v1/completions", json=body).status_code == 429
+            busy = client.post("/v1/completions", json=body)
+            assert busy.status_code == 429 and int(busy.headers["retry-after"]) >= 1
             assert client.get("/health").status_code == 200  # health is never limited
             assert [line for line in lines if line][-1] == "data: [DONE]"
         assert client.post("/v1/completions", json=body).status_code == 200  # the slot is free again
@@ -235,3 +238,95 @@ def test_too_many_concurrent_requests_get_429():
         time.sleep(0.2)
         assert client.post("/v1/completions", json=body).status_code == 200
         assert app.state.engine.stats.tokens - tokens0 < 200
+
+
+SLOW = ServeLimits(max_concurrent_requests=4, body_timeout_s=2.0, request_timeout_s=1.5)
+
+
+@pytest.fixture(scope="module")
+def slow_server() -> Iterator[tuple[str, object]]:
+    """A server whose every forward pass takes 20 ms more, so deadlines and disconnects land mid-generation."""
+    model = load_model(MODEL)
+    model.register_forward_hook(lambda *_: time.sleep(0.02))
+    app = create_app(model, load_tokenizer(MODEL), model_name=MODEL, limits=SLOW, defaults=DecodingDefaults())
+    with serve_in_background(app) as base:
+        yield base, app
+
+
+def raw_request(base: str, body: bytes, *, send_body: bool = True, declared: int | None = None) -> socket.socket:
+    """Open a connection and send a POST /v1/completions head (and the body unless told not to)."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    head = (f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+            f"content-length: {declared if declared is not None else len(body)}\r\n\r\n").encode()
+    sock.sendall(head + (body if send_body else body[:5]))
+    return sock
+
+
+def five_xx(base: str) -> int:
+    text = httpx.get(f"{base}/metrics").text
+    return sum(int(float(v)) for v in re.findall(r'ppolm_serve_requests_total{[^}]*status="5\d\d"[^}]*} (\S+)', text))
+
+
+def test_slow_bodies_do_not_block_a_normal_request(slow_server):
+    """64 clients that never finish their upload hold no generation slot (4 here): a normal request is answered
+    within its deadline, and the slow ones get 408 once the body read time runs out."""
+    base, _ = slow_server
+    body = json.dumps({**COMPLETION, "max_tokens": 2}).encode()
+    stalled = [raw_request(base, body, send_body=False) for _ in range(64)]
+    try:
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        r = httpx.post(f"{base}/v1/completions", json={**COMPLETION, "max_tokens": 4}, timeout=10)
+        assert r.status_code == 200 and time.monotonic() - t0 < SLOW.request_timeout_s
+        statuses = []
+        for sock in stalled[:8]:
+            sock.settimeout(SLOW.body_timeout_s + 5)
+            statuses.append(sock.recv(64).split(b" ")[1])
+        assert statuses == [b"408"] * 8
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert httpx.get(f"{base}/health").status_code == 200
+    assert five_xx(base) == 0
+
+
+def test_deadline_ends_a_request_plain_and_streamed(slow_server):
+    base, app = slow_server
+    body = {**COMPLETION, "max_tokens": 200, "ignore_eos": True}
+    with httpx.Client(base_url=base, timeout=10) as client:
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 408 and r.json()["error"]["code"] == "deadline_exceeded"
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
+            lines = [line for line in stream.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]" and "deadline_exceeded" in lines[-2]
+    time.sleep(0.1)
+    assert app.state.engine.stats.running == 0
+    assert five_xx(base) == 0
+
+
+def test_plain_client_that_disconnects_stops_its_row(slow_server):
+    base, app = slow_server
+    stats = app.state.engine.stats
+    tokens0 = stats.tokens
+    sock = raw_request(base, json.dumps({**COMPLETION, "max_tokens": 60, "ignore_eos": True}).encode())
+    time.sleep(0.3)
+    assert stats.running == 1
+    sock.close()
+    time.sleep(0.3)
+    assert stats.running == 0 and stats.tokens - tokens0 < 40  # 60 tokens would take >= 1.2 s
+    text = httpx.get(f"{base}/metrics").text
+    assert 'ppolm_serve_requests_total{route="/v1/completions",status="499"}' in text
+
+
+def test_metrics_in_prometheus_format(slow_server):
+    base, _ = slow_server
+    assert httpx.post(f"{base}/v1/completions", json=COMPLETION, timeout=10).status_code == 200
+    r = httpx.get(f"{base}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    for name in ("ppolm_serve_requests_total{", "ppolm_serve_request_latency_seconds_bucket{",
+                 "ppolm_serve_completion_tokens_total ", "ppolm_serve_prompt_tokens_total ",
+                 "ppolm_serve_queue_depth ", "ppolm_serve_running_rows "):
+        assert name in r.text, name
+    ok = re.search(r'ppolm_serve_requests_total{route="/v1/completions",status="200"} (\S+)', r.text)
+    assert ok and float(ok.group(1)) >= 1

@@ -1,6 +1,6 @@
 """OpenAI-compatible serving of a ppolm model: `create_app` (FastAPI), `run_server` (uvicorn), request limits."""
 
-from ppolm.serve.app import create_app, run_server, serve_in_background
+from ppolm.serve.app import create_app, load_served, run_server, serve_in_background
 from ppolm.serve.engine import DecodingDefaults, Engine, EngineStats, SamplingParams
 from ppolm.serve.limits import ApiError, ServeLimits
 
@@ -12,6 +12,7 @@ __all__ = [
     "SamplingParams",
     "ServeLimits",
     "create_app",
+    "load_served",
     "run_server",
     "serve_in_background",
 ]

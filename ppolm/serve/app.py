@@ -1,15 +1,18 @@
 """`ppolm serve`: an OpenAI-compatible HTTP server (completions, chat completions, streaming) over one model.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (plain JSON or `stream: true` server-sent events in
-OpenAI's chunk format ending with `data: [DONE]`), GET /v1/models, GET /health. Request bodies are parsed
+OpenAI's chunk format ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus). Request bodies are parsed
 by hand (strict UTF-8 and JSON, bounded depth) and validated by strict pydantic schemas, so wrong types are
 400s in OpenAI's error format rather than FastAPI's 422s. Only n=1 is supported; options clients send at
 their neutral value by default (penalties 0, logprobs off, echo off) are accepted at that value only.
-Launch: `ppolm serve MODEL` (loopback by default), or `run_server` from Python.
+Every generation request has a deadline (ServeLimits.request_timeout_s, 408 past it) and a client that
+disconnects, streaming or not, has its row dropped from the batch at the next step.
+Launch: `ppolm serve --model DIR` (loopback by default), or `run_server` from Python.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -25,23 +28,25 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ppolm.serve.engine import DecodingDefaults, Engine, Finish, SamplingParams
+from ppolm.serve.batch import DeadlineExceeded
+from ppolm.serve.engine import DecodingDefaults, Engine, Finish, GenRequest
 from ppolm.serve.limits import (
     ApiError,
     ChatRequest,
     CompletionRequest,
-    LimitsMiddleware,
     ServeLimits,
     SamplingRequest,
     TextPart,
     parse_json_body,
     resolve_sampling,
 )
+from ppolm.serve.metrics import CONTENT_TYPE, ServeMetrics
+from ppolm.serve.middleware import LimitsMiddleware
 
 log = logging.getLogger("ppolm.serve")
 
@@ -79,8 +84,10 @@ def create_app(
         await engine.stop()
 
     app = FastAPI(title="ppolm serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = ServeMetrics(engine.stats)
     app.state.engine = engine
-    app.add_middleware(LimitsMiddleware, limits=limits, api_key=api_key)
+    app.state.metrics = metrics
+    app.add_middleware(LimitsMiddleware, limits=limits, api_key=api_key, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -106,6 +113,10 @@ def create_app(
     async def health() -> dict[str, Any]:
         s = engine.stats
         return {"status": "ok", "model": model_name, "batches": s.batches, "rows": s.rows, "tokens": s.tokens}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -145,7 +156,9 @@ def create_app(
                 raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
             prompt_ids = list(req.prompt)
         params = resolve_sampling(req, req.max_tokens, len(prompt_ids), n_ctx, limits, defaults)
-        return await _respond(engine, req, prompt_ids, params, model_name, chat=False)
+        metrics.prompt_tokens.inc(len(prompt_ids))
+        gen = engine.submit(prompt_ids, params, timeout_s=limits.request_timeout_s)
+        return await _respond(request, engine, gen, req, model_name, chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
@@ -165,7 +178,9 @@ def create_app(
             raise ApiError(400, msg, param="max_completion_tokens", code="invalid_value")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = resolve_sampling(req, max_tokens, len(prompt_ids), n_ctx, limits, defaults)
-        return await _respond(engine, req, prompt_ids, params, model_name, chat=True)
+        metrics.prompt_tokens.inc(len(prompt_ids))
+        gen = engine.submit(prompt_ids, params, timeout_s=limits.request_timeout_s)
+        return await _respond(request, engine, gen, req, model_name, chat=True)
 
     return app
 
@@ -197,25 +212,47 @@ def _model_card(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "ppolm"}
 
 
+async def _collect(events: AsyncIterator[str | Finish]) -> tuple[str, Finish]:
+    parts: list[str] = []
+    async for item in events:
+        if isinstance(item, Finish):
+            return "".join(parts), item
+        parts.append(item)
+    raise RuntimeError("the engine ended a request without a Finish")
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone away (the body was already read, so only http.disconnect can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _respond(
-    engine: Engine, req: SamplingRequest, prompt_ids: list[int], params: SamplingParams, model_name: str, *, chat: bool
-) -> JSONResponse | StreamingResponse:
+    request: Request, engine: Engine, gen: GenRequest, req: SamplingRequest, model_name: str, *, chat: bool
+) -> Response:
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
-    gen = engine.submit(prompt_ids, params)
     if req.stream:
+        # Starlette cancels the body iterator when the client disconnects, which cancels the row.
         usage = bool(req.stream_options and req.stream_options.include_usage)
         chunks = _stream(engine.events(gen), rid, created, model_name, chat=chat, include_usage=usage)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"cache-control": "no-cache"})
-    parts: list[str] = []
-    finish: Finish | None = None
-    async for item in engine.events(gen):
-        if isinstance(item, Finish):
-            finish = item
-        else:
-            parts.append(item)
-    assert finish is not None
-    text = "".join(parts)
+    # A plain request also watches its connection: a client that leaves must not keep its row decoding.
+    collect = asyncio.ensure_future(_collect(engine.events(gen)))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not collect.done():
+            collect.cancel()  # its events() generator marks the row cancelled
+            gen.cancelled = True
+    if not collect.done() or collect.cancelled():
+        return Response(status_code=499)  # nobody is listening; the status only reaches the metrics
+    try:
+        text, finish = collect.result()
+    except DeadlineExceeded as exc:
+        raise ApiError(408, f"{exc}", type="timeout_error", code="deadline_exceeded") from None
     choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish.reason}
     choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
     body = {
@@ -264,6 +301,8 @@ async def _stream(
                     yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(item)})}\n\n"
             elif item:
                 yield chunk(item, None)
+    except DeadlineExceeded as exc:
+        yield f"data: {json.dumps(ApiError(408, str(exc), type='timeout_error', code='deadline_exceeded').body())}\n\n"
     except Exception as exc:  # noqa: BLE001 - headers are gone; the error travels in the stream
         log.exception("generation failed mid-stream")
         err = ApiError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error")
@@ -281,10 +320,22 @@ def run_server(
     device: str | None = None,
     precision: str = "fp32",
 ) -> None:
-    """Load a model (known name or exported directory) and serve it with uvicorn until interrupted.
+    """Load a model (known name or exported directory) and serve it with uvicorn until interrupted."""
+    model, tokenizer, served, defaults = load_served(model_name_or_dir, device=device, precision=precision)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    app = create_app(model, tokenizer, model_name=served, limits=limits, defaults=defaults, api_key=api_key)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
 
-    A directory's `ppolm_decoding.json` gives the default decoding settings; the served model id is the
-    directory's name (or the known name). `device` defaults to CUDA when available.
+
+def load_served(
+    model_name_or_dir: str, *, device: str | None = None, precision: str = "fp32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, DecodingDefaults]:
+    """(model, tokenizer, served model id, decoding defaults) for a known name or an exported directory.
+
+    A directory's `ppolm_decoding.json` gives the default decoding settings (keys other than decoding ones are
+    metadata and ignored); the served model id is the directory's name (or the known name). `device` defaults
+    to CUDA when available.
     """
     from ppolm.models import load_model, load_tokenizer, resolve
 
@@ -294,10 +345,7 @@ def run_server(
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     defaults = DecodingDefaults.from_dir(src.path) if src.path and Path(src.path).is_dir() else DecodingDefaults()
     served = Path(src.path).name if src.kind == "local" else src.name
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    app = create_app(model, tokenizer, model_name=served, limits=limits, defaults=defaults, api_key=api_key)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    return model, tokenizer, served, defaults
 
 
 @contextmanager

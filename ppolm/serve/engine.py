@@ -1,34 +1,36 @@
-"""Batched generation for the server: requests wait on an asyncio queue, one worker thread runs them in batches.
+"""Generation for the server: handlers queue requests, one worker thread runs continuous batching over them.
 
-The dispatcher coroutine takes the first waiting request, gathers up to ``max_batch_size - 1`` more that are
-already queued (or arrive within ``batch_wait_s``), and hands the batch to a single worker thread, so the
-event loop never blocks on the model. While a batch runs, new requests pile up in the queue and form the
-next batch: under load the batch size grows by itself.
+The worker thread loops: drop rows whose client left or whose deadline passed, admit waiting requests into the
+running batch (up to ``max_batch_size`` rows), run one decode step (``ppolm.serve.batch``). The event loop
+never blocks on the model; text deltas travel back to each handler through its own asyncio queue.
 
 Generation is our own loop over a KV cache rather than ``model.generate`` because every row keeps its own
 sampling settings (temperature, top_p, top_k, seed), its own stop strings and its own token budget, and
-streamed text must leave the worker token by token. Rows that finish are dropped from the cache, so a short
-request does not pay for a long neighbour. Deliberately left out: continuous batching (a request never joins
-a batch already running), beam search, logprobs.
+streamed text must leave the worker token by token. Deliberately left out: chunked prefill (a long prompt
+stalls the running rows for one forward pass), paged KV memory, beam search, logprobs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import secrets
+import logging
+import queue
+import threading
+import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ppolm.errors import ConfigError
+from ppolm.serve.batch import GREEDY_BELOW, DeadlineExceeded, DecodeBatch
+
+log = logging.getLogger("ppolm.serve")
 
 DECODING_FILE = "ppolm_decoding.json"
-GREEDY_BELOW = 1e-5  # temperatures under this are greedy: dividing logits by ~0 overflows to inf/NaN
+DECODING_KEYS = frozenset({"temperature", "top_p", "top_k", "max_new_tokens", "stop", "system_prompt"})
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,11 @@ class DecodingDefaults:
             raise ConfigError(f"{file}: not valid JSON ({exc})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{file}: expected a JSON object")
-        unknown = set(raw) - {"temperature", "top_p", "top_k", "max_new_tokens", "stop", "system_prompt"}
-        if unknown:
-            raise ConfigError(f"{file}: unknown keys {sorted(unknown)}")
+        # The trainers and the pipeline also record where the model came from (task, stage, base_model); other
+        # tools may add their own keys. Those are metadata for people, not decoding settings: ignored here.
+        metadata = sorted(set(raw) - DECODING_KEYS)
+        if metadata:
+            log.info("%s: ignoring non-decoding keys %s", file, metadata)
         base = cls()
         try:
             out = cls(
@@ -116,26 +120,36 @@ class GenRequest:
     prompt_ids: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
+    deadline: float | None = None  # time.monotonic() past which the row is dropped; None = no deadline
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set by the handler when its client went away; the worker drops the row
 
     def emit(self, item: str | Finish | BaseException) -> None:
         """Thread-safe push of one event to the waiting handler."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the event loop closed (server shutting down): nobody is listening any more
+            self.cancelled = True
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
 
 
 @dataclass
 class EngineStats:
-    """Counters exposed on /health and used by tests to check that requests were batched."""
+    """Counters exposed on /health and /metrics, and used by tests to check that requests were batched."""
 
-    batches: int = 0  # model batches run
-    rows: int = 0  # requests served in those batches
-    max_batch_rows: int = 0  # largest batch seen
+    batches: int = 0  # prefill passes (each admits one or more requests into the running batch)
+    rows: int = 0  # requests admitted
+    steps: int = 0  # decode steps run
+    max_batch_rows: int = 0  # most rows decoding together
     tokens: int = 0  # completion tokens produced
+    running: int = 0  # rows decoding now
+    queued: int = 0  # requests waiting for a place in the batch
 
 
 class Engine:
-    """Queue + dispatcher + one worker thread. Start it inside the running event loop (app lifespan)."""
+    """Inbox + one worker thread running continuous batching. Start it inside the running event loop."""
 
     def __init__(
         self,
@@ -152,40 +166,46 @@ class Engine:
         self.stats = EngineStats()
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._queue: asyncio.Queue[GenRequest] | None = None
-        self._task: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._inbox: queue.Queue[GenRequest] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     async def start(self) -> None:
-        """Create the queue and the dispatcher in the current event loop."""
-        self._queue = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppolm-gen")
-        self._task = asyncio.create_task(self._dispatch())
+        """Start the worker thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._work, name="ppolm-gen", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        """Cancel the dispatcher and wait for the batch in flight (if any) to end."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        """Stop the worker after its current step."""
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenRequest:
-        """Queue one request; read its events with `events(req)`."""
-        if self._queue is None:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, timeout_s: float | None = None) -> GenRequest:
+        """Queue one request (dropped after `timeout_s` seconds if given); read its events with `events(req)`."""
+        if self._thread is None:
             raise RuntimeError("engine not started")
-        req = GenRequest(list(prompt_ids), params, asyncio.get_running_loop())
-        self._queue.put_nowait(req)
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+        req = GenRequest(list(prompt_ids), params, asyncio.get_running_loop(), deadline)
+        self._inbox.put(req)
+        self.stats.queued = self._inbox.qsize()
         return req
 
     async def events(self, req: GenRequest) -> AsyncIterator[str | Finish]:
-        """Yield the text deltas of `req`, then its Finish; marks it cancelled if the consumer stops early."""
+        """Yield the text deltas of `req`, then its Finish; marks it cancelled if the consumer stops early.
+
+        Raises DeadlineExceeded when the request's deadline passes, whether or not the worker noticed first.
+        """
         try:
             while True:
-                item = await req.events.get()
+                remaining = None if req.deadline is None else req.deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded("request deadline exceeded")
+                try:
+                    item = await asyncio.wait_for(req.events.get(), remaining)
+                except TimeoutError:
+                    raise DeadlineExceeded("request deadline exceeded") from None
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -194,40 +214,45 @@ class Engine:
         finally:
             req.cancelled = True
 
-    async def _dispatch(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self._queue.get()]
-            # A short window lets requests that arrive together share one batch even when the engine is idle.
-            deadline = loop.time() + self.batch_wait_s
-            while len(batch) < self.max_batch_size:
-                try:
-                    batch.append(self._queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
-            batch = [r for r in batch if not r.cancelled]
-            if batch:
-                await loop.run_in_executor(self._executor, self._run_batch, batch)
-
-    def _run_batch(self, batch: list[GenRequest]) -> None:
-        # Only this (single) worker thread writes the stats, so they need no lock.
-        self.stats.batches += 1
-        self.stats.rows += len(batch)
-        self.stats.max_batch_rows = max(self.stats.max_batch_rows, len(batch))
+    def _take(self, block: bool) -> list[GenRequest]:
+        """Waiting requests that fit in the batch; when idle, wait a little so simultaneous arrivals share a prefill."""
+        room = self.max_batch_size - len(self._batch.rows)
+        if room <= 0 or not self._batch.mergeable:
+            return []
+        taken: list[GenRequest] = []
         try:
-            generate_batch(self.model, self.tokenizer, batch, self.eos_ids, self.pad_id, self.stats)
-        except Exception as exc:  # noqa: BLE001 - every waiting handler must hear about the failure
-            for req in batch:
-                req.emit(exc)
+            if block:
+                taken.append(self._inbox.get(timeout=0.05))
+                until = time.monotonic() + self.batch_wait_s
+                while len(taken) < room and (left := until - time.monotonic()) > 0:
+                    taken.append(self._inbox.get(timeout=left))
+            while len(taken) < room:
+                taken.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        now = time.monotonic()
+        live = []
+        for req in taken:
+            if req.expired(now):
+                req.emit(DeadlineExceeded("request deadline exceeded (still queued)"))
+            elif not req.cancelled:
+                live.append(req)
+        return live
+
+    def _work(self) -> None:
+        self._batch = DecodeBatch(self.model, self.tokenizer, self.eos_ids, self.pad_id, self.stats)
+        while not self._stop.is_set():
+            self._batch.prune()
+            new = self._take(block=not self._batch.rows)
+            self.stats.queued = self._inbox.qsize()
+            try:
+                self._batch.admit(new)
+                self._batch.step()
+            except Exception as exc:  # noqa: BLE001 - every waiting handler must hear about the failure
+                for req in ({id(r.req): r.req for r in self._batch.rows} | {id(r): r for r in new}).values():
+                    req.emit(exc)
+                self._batch.reset()
+            self.stats.running = len(self._batch.rows)
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -239,127 +264,3 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> froz
         elif isinstance(value, list):
             ids.update(v for v in value if isinstance(v, int))
     return frozenset(ids)
-
-
-class _Row:
-    """Text state of one row: generated ids, what has been streamed, and stop-string handling."""
-
-    def __init__(self, req: GenRequest, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> None:
-        self.req = req
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.sent = 0  # characters of the decoded completion already emitted
-        # A stop string may straddle tokens, so this many trailing characters stay unsent until they cannot
-        # be the start of a stop string any more.
-        self.hold = max((len(s) for s in req.params.stop), default=1) - 1
-        seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
-        self.gen = torch.Generator(device=device)
-        self.gen.manual_seed(seed % (2**64))
-
-    def push(self, token: int, eos: bool) -> bool:
-        """Add one sampled token; emit the safe new text; return True when the row is finished."""
-        p = self.req.params
-        self.ids.append(token)
-        if eos and not p.ignore_eos:
-            return self._finish("stop", self._text(drop_last=True))
-        text = self._text()
-        cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            return self._finish("stop", text[:cut])
-        if len(self.ids) >= p.max_new_tokens:
-            return self._finish("length", text)
-        safe = len(text) - self.hold
-        # A trailing U+FFFD may be the first bytes of a character whose rest comes with the next token; an
-        # incomplete character decodes to exactly one U+FFFD, so holding back one is enough.
-        if safe > self.sent and text[safe - 1] == "\ufffd":
-            safe -= 1
-        if safe > self.sent:
-            self.req.emit(text[self.sent : safe])
-            self.sent = safe
-        return False
-
-    def _text(self, drop_last: bool = False) -> str:
-        ids = self.ids[:-1] if drop_last else self.ids
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def _finish(self, reason: str, text: str) -> bool:
-        if len(text) > self.sent:
-            self.req.emit(text[self.sent :])
-        self.req.emit(Finish(reason, len(self.req.prompt_ids), len(self.ids)))
-        return True
-
-
-def sample_next(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-    """Next token per row from `logits` (B, V) with each row's temperature, top_k, top_p and generator."""
-    logits = logits.float()
-    params = [r.req.params for r in rows]
-    greedy = logits.argmax(-1).tolist()
-    sampled = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
-    out = list(greedy)
-    if not sampled:
-        return out
-    idx = torch.tensor(sampled, device=logits.device)
-    temps = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
-    scaled = logits[idx] / temps[:, None]
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    rank = torch.arange(scaled.shape[-1], device=logits.device)
-    top_k = torch.tensor([params[i].top_k or scaled.shape[-1] for i in sampled], device=logits.device)
-    drop = rank[None, :] >= top_k[:, None]
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-    top_p = torch.tensor([params[i].top_p for i in sampled], device=logits.device)
-    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
-    drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
-    drop[:, 0] = False
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-    for j, i in enumerate(sampled):
-        pick = torch.multinomial(probs[j], 1, generator=rows[i].gen)
-        out[i] = int(order[j, pick])
-    return out
-
-
-@torch.inference_mode()
-def generate_batch(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    batch: list[GenRequest],
-    eos_ids: frozenset[int],
-    pad_id: int,
-    stats: EngineStats | None = None,
-) -> None:
-    """Run `batch` to completion: left-pad the prompts, prefill once, then decode step by step over a KV cache.
-
-    Position ids come from the attention mask (cumsum - 1), so left padding does not shift a row's positions;
-    masks are built from prompt lengths, never from pad ids (pad == eos on some tokenizers).
-    """
-    device = next(model.parameters()).device
-    rows = [_Row(r, tokenizer, device) for r in batch]
-    width = max(len(r.prompt_ids) for r in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, r in enumerate(batch):
-        input_ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long)
-        mask[i, width - len(r.prompt_ids) :] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache = out.cache
-    while rows:
-        tokens = sample_next(out.logits[:, -1, :], rows)
-        done = [row.req.cancelled or row.push(t, t in eos_ids) for row, t in zip(rows, tokens, strict=True)]
-        if stats is not None:
-            stats.tokens += len(rows)
-        keep = [i for i, d in enumerate(done) if not d]
-        if not keep:
-            return
-        if len(keep) < len(rows):
-            # Finished rows leave the batch so the remaining steps only pay for live rows.
-            sel = torch.tensor(keep, device=device)
-            cache.batch_select_indices(sel)
-            mask, positions = mask[sel], positions[sel]
-            rows = [rows[i] for i in keep]
-            tokens = [tokens[i] for i in keep]
-        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-        positions = positions[:, -1:] + 1
-        step = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
-        out = model(input_ids=step, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-        cache = out.cache

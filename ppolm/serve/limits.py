@@ -1,7 +1,7 @@
 """What a request may contain: the server's limits, the request schemas, and the checks, in OpenAI's error format.
 
-Three places enforce limits. `LimitsMiddleware` runs before any routing or parsing and guards the server
-itself: API key (401), body size (413), concurrent generation requests (429). `parse_json_body` guards the
+Three places enforce limits. `LimitsMiddleware` (``middleware.py``) runs before any routing or parsing and
+guards the server itself: API key (401), body size (413) and read time (408), concurrent requests (429). `parse_json_body` guards the
 parser (strict UTF-8, no NaN, bounded nesting). The strict pydantic schemas and `resolve_sampling` guard the
 model: every field's type, range and limit is checked before a request reaches the engine, so a bad request
 is always a 4xx and never a 5xx.
@@ -9,18 +9,15 @@ is always a 4xx and never a 5xx.
 
 from __future__ import annotations
 
-import hmac
 import json
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ppolm.serve.engine import DecodingDefaults, SamplingParams
 
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
@@ -48,6 +45,11 @@ class ServeLimits:
     """Most requests the engine runs in one model batch."""
     batch_wait_ms: float = 5.0
     """How long an idle engine waits for more requests to fill a batch, in milliseconds."""
+    body_timeout_s: float = 10.0
+    """Time allowed to send the whole request body; a slower upload gets 408 (and never holds a slot)."""
+    request_timeout_s: float = 300.0
+    """Deadline of one generation request from arrival to its last token; past it the row is dropped and the
+    client gets 408 (or an error event in a stream). 0 disables."""
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -260,103 +262,3 @@ def _check_tree(value: Any, max_depth: int) -> None:
                 raise ApiError(400, "request body contains an invalid unicode escape", code="invalid_json") from None
         elif isinstance(item, float) and not math.isfinite(item):
             raise ApiError(400, "numbers must be finite", code="invalid_json")
-
-
-def _error_response(status: int, message: str, *, code: str, kind: str = "invalid_request_error") -> list[Message]:
-    body = json.dumps(ApiError(status, message, code=code, type=kind).body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    return [
-        {"type": "http.response.start", "status": status, "headers": headers},
-        {"type": "http.response.body", "body": body},
-    ]
-
-
-class LimitsMiddleware:
-    """ASGI middleware: API key on /v1, body size on every request, concurrency on generation routes.
-
-    The body is read here (at most max_body_bytes + one chunk) and replayed to the app, so an oversized or
-    endless body is refused without being buffered, and at most max_concurrent_requests bodies are held.
-    The concurrency slot is held until the app returns, which for a stream is after its last chunk.
-    """
-
-    def __init__(self, app: ASGIApp, limits: ServeLimits, api_key: str | None = None) -> None:
-        self.app = app
-        self.limits = limits
-        self.api_key = api_key
-        self.in_flight = 0  # touched only on the event loop thread, so no lock
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        if self.api_key is not None and path.startswith("/v1") and not self._authorized(scope):
-            await _send_all(send, _error_response(401, "invalid or missing API key", code="invalid_api_key"))
-            return
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limits.max_body_bytes):
-            await _send_all(send, self._too_large())
-            return
-        guarded = scope.get("method") == "POST" and path in GENERATION_PATHS
-        if guarded and self.in_flight >= self.limits.max_concurrent_requests:
-            msg = f"too many concurrent requests (limit {self.limits.max_concurrent_requests}); retry later"
-            await _send_all(send, _error_response(429, msg, code="rate_limit_exceeded", kind="rate_limit_error"))
-            return
-        if guarded:
-            self.in_flight += 1
-        try:
-            body = await self._read_body(receive)
-            if body is None:
-                await _send_all(send, self._too_large())
-                return
-            await self.app(scope, _replay(body, receive), send)
-        finally:
-            if guarded:
-                self.in_flight -= 1
-
-    def _authorized(self, scope: Scope) -> bool:
-        headers = dict(scope.get("headers") or [])
-        value = headers.get(b"authorization", b"")
-        scheme, _, token = value.partition(b" ")
-        expected = (self.api_key or "").encode()
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), expected)
-
-    async def _read_body(self, receive: Receive) -> bytes | None:
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return b"".join(chunks)  # client left; the app will notice on its own
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limits.max_body_bytes:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    def _too_large(self) -> list[Message]:
-        return _error_response(
-            413, f"request body larger than {self.limits.max_body_bytes} bytes", code="request_too_large"
-        )
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # later calls wait for http.disconnect, which streaming responses listen for
-
-    return replay
-
-
-async def _send_all(send: Send, messages: list[Message]) -> None:
-    for message in messages:
-        await send(message)
