@@ -380,6 +380,10 @@ def _print_headline(cfg: PipelineConfig, candidates: list[Candidate], chosen: Ca
         text = [round(v, 4) if isinstance(v, float) else v for v in cells]
         print(f"{c.name:16s} {text[0]!s:>8s}" + "".join(f" {v!s:>14s}" for v in text[1:])
               + f" {c.train_seconds:8.0f}" + ("  (guard stopped it)" if c.guard else ""))
+    from ppolm.eval.report import comparisons
+
+    for line in comparisons(candidates, metric, cfg.target.higher_is_better):
+        print(line)
     print(f"chosen: {chosen.name}; exported to {summary['export_dir']}")
     if "report" in summary:
         print(f"report: {summary['report']}")

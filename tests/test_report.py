@@ -63,6 +63,8 @@ def test_report_is_self_contained_with_plots(pipeline_run):
     md = (out / "report.md").read_text()
     assert "| stage | accuracy" in md and "## Sample outputs before and after" in md
     assert "## Task metrics on unseen" in md and "## Guardrails" in md and "guard.max_kl" in md
+    assert re.search(r"- PPO vs the base model: [+-]\d\.\d{3} accuracy on the test split, [+-]\d\.\d{3} on unseen", md)
+    assert re.search(r"- SFT->PPO vs SFT: .* -- (better on every set|not better on any set|better on some sets only)\.", md)
 
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium / chromedriver not installed")

@@ -153,6 +153,31 @@ def metrics_table(candidates, extra_set: str | None = None) -> tuple[list[str], 
     return header, rows
 
 
+def comparisons(candidates, metric: str, higher_is_better: bool = True) -> list[str]:
+    """Plain sentences: each RL stage against where it started (PPO vs base, SFT->PPO vs SFT), on the test
+    split and on every extra set, saying outright when it is not better anywhere."""
+    by_name = {c.name: c for c in candidates}
+    lines = []
+    for name, start, label in (("ppo", "base", "PPO vs the base model"), ("sft-ppo", "sft", "SFT->PPO vs SFT")):
+        if name not in by_name or start not in by_name:
+            continue
+        a, b = by_name[name], by_name[start]
+        diffs = []
+        for set_name, of in [("test split", lambda c: c.metrics), *[(k, lambda c, k=k: c.extra.get(k, {}))
+                                                                     for k in a.extra]]:
+            x, y = of(a).get(metric), of(b).get(metric)
+            if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+                diffs.append((set_name, (x - y) if higher_is_better else (y - x)))
+        if not diffs:
+            continue
+        text = ", ".join(f"{d:+.3f} {metric} on the {n}" if n == "test split" else f"{d:+.3f} on {n}"
+                         for n, d in diffs)
+        verdict = ("better on every set" if all(d > 0 for _, d in diffs) else
+                   "not better on any set" if all(d <= 0 for _, d in diffs) else "better on some sets only")
+        lines.append(f"{label}: {text} -- {verdict}.")
+    return lines
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in rows]]
 
@@ -199,6 +224,10 @@ def write_report(cfg, task, candidates, chosen, out: Path, summary: dict) -> tup
         eh, er = metrics_table(candidates, set_name)
         md += [f"## Task metrics on {set_name}", "", *_md_table(eh, er), ""]
         h.append(f"<h2>Task metrics on {html.escape(set_name)}</h2>" + _html_table(eh, er))
+    verdicts = comparisons(candidates, cfg.target.metric, cfg.target.higher_is_better)
+    if verdicts:
+        md += ["## What RL added", "", *[f"- {v}" for v in verdicts], ""]
+        h.append("<h2>What RL added</h2><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in verdicts) + "</ul>")
     guards = [(c.name, c.guard) for c in candidates if c.guard]
     if guards:
         md += ["## Guardrails", "", *[f"- {name}: {line}" for name, line in guards], ""]
