@@ -144,8 +144,3 @@ class Optimization:
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         self.nonfinite_total = int(state["nonfinite_total"])
         self.steps_done = int(state["steps_done"])
-
-
-def split_micro(index: torch.Tensor, n_micro: int) -> list[torch.Tensor]:
-    """Split a minibatch's row indices into n_micro equal micro-batches."""
-    return list(torch.chunk(index, n_micro))

@@ -328,8 +328,8 @@ def generate_command(args: argparse.Namespace) -> int:
     decoding = task.decoding if task is not None else Decoding(max_new_tokens=128, temperature=0.0)
     overrides = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature))
                  if v is not None}
-    if overrides.get("max_new_tokens", 1) < 1 or overrides.get("temperature", 0.0) < 0:
-        raise ConfigError("--max-new-tokens must be >= 1 and --temperature >= 0")
+    if not (overrides.get("max_new_tokens", 1) >= 1 and 0.0 <= overrides.get("temperature", 0.0) <= 10.0):
+        raise ConfigError("--max-new-tokens must be >= 1 and --temperature a number in [0, 10]")
     decoding = replace(decoding, **overrides)
     path = Path(args.input)
     records = read_records(path)

@@ -19,11 +19,26 @@ from ppolm.ops import entropy_from_logits, logprobs_from_logits
 from ppolm.rollout import position_ids_from_mask
 
 
+# Config floats that models read at forward time as a dropout probability (not as nn.Dropout modules): Llama,
+# Qwen2, Gemma... pass `attention_dropout` straight to the attention kernel in train mode.
+DROPOUT_CONFIG_KEYS = ("attention_dropout", "attn_pdrop", "hidden_dropout", "resid_pdrop", "embd_pdrop",
+                       "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout")
+
+
 def disable_dropout(model: nn.Module) -> None:
-    """PPO's ratios assume the same function at rollout and update: dropout off everywhere."""
+    """PPO's ratios assume the same function at rollout (eval) and update (train): dropout off everywhere,
+    both nn.Dropout modules and the probabilities that attention layers read from the config or attributes."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    for cfg in configs.values():
+        for key in DROPOUT_CONFIG_KEYS:
+            if isinstance(getattr(cfg, key, None), float):
+                setattr(cfg, key, 0.0)
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for key in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, key, None), float):  # attention modules copy the float at init
+                setattr(module, key, 0.0)
 
 
 class ValueHead(nn.Module):
@@ -88,15 +103,20 @@ def score_tokens(
     value_head: ValueHead | None = None,
     need_entropy: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
 ) -> TokenScores:
     """log pi(response token) for each response position, and V from `value_head` on the same forward.
 
     input_ids, attention_mask (B, T) with the response in the last R = response_ids.shape[1] positions.
+    temperature: the sampling temperature; logits / temperature make these the log-probs of the policy that
+    sampled (N+ implementation details, "scale the logits by the sampling temperature").
     """
     R = response_ids.shape[1]
     with autocast_ctx(autocast_dtype, input_ids.device):
         hidden = response_hidden(model, input_ids, attention_mask, R)
     logits = lm_logits_fp32(model, hidden)
+    if temperature != 1.0:
+        logits = logits / temperature
     logprobs = logprobs_from_logits(logits, response_ids)
     values = value_head(hidden) if value_head is not None else None
     entropy = entropy_from_logits(logits) if need_entropy else None
@@ -125,11 +145,11 @@ def hidden_size(model: PreTrainedModel) -> int:
     return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
 
 
-def frozen_copy(model: PreTrainedModel, dtype: torch.dtype | None) -> PreTrainedModel:
-    """A frozen reference copy; stored in bf16 when training runs in bf16 (half the memory, faster)."""
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A frozen reference copy in the policy's own dtype. Not cast to bf16 in bf16 runs: the policy keeps fp32
+    master weights under autocast, and a bf16 copy would give KL != 0 at step 0 (norms, embeddings and the
+    fp32 LM head would read rounded weights)."""
     ref = copy.deepcopy(model)
-    if dtype is not None:
-        ref = ref.to(dtype)
     ref.requires_grad_(False)
     ref.eval()
     return ref
@@ -141,10 +161,3 @@ def apply_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float, tar
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
-
-
-@contextlib.contextmanager
-def reference_mode(policy: PreTrainedModel):
-    """With LoRA, the reference is the base model: adapters disabled for the duration."""
-    with policy.disable_adapter():
-        yield

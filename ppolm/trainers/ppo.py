@@ -122,16 +122,13 @@ class PPOTrainer:
         ids, mask = left_pad_collate([self.prompts.token_ids[i] for i in idx], self.tokenizer.pad_token_id)
         r = self.cfg.rollout
         uniforms = row_uniforms(self.cfg.seed, step, [pos for pos, _ in rows], r.max_new_tokens)
-        policy = self.actor.policy
-        was_training = policy.training
-        policy.eval()
+        self.actor.eval()  # rollout and scoring run in eval mode; update() switches to train mode
         out = generate(
-            policy, self.tokenizer, ids.to(self.runtime.device), mask.to(self.runtime.device), uniforms,
+            self.actor.policy, self.tokenizer, ids.to(self.runtime.device), mask.to(self.runtime.device), uniforms,
             max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
             top_k=r.top_k, top_p=r.top_p,
             stop=r.stop, autocast_dtype=self.amp, prompts=[self.prompts.texts[i] for i in idx],
         )
-        policy.train(was_training)
         return out, [self.prompts.examples[i] for i in idx], idx
 
     def score(self, rollout: Rollout, examples) -> tuple[torch.Tensor, dict[str, float]]:
@@ -167,7 +164,6 @@ class PPOTrainer:
         else:
             self.actor.eval()
             old_logprobs, old_values, entropy = self.actor(ids, attn, resp, need_entropy=True, autocast_dtype=self.amp)
-            self.actor.train()
         if self.reference is None and not self.actor.is_lora():
             ref_logprobs = old_logprobs  # KL penalty off for the whole run: the reference forward is skipped
         else:
@@ -210,9 +206,11 @@ class PPOTrainer:
         policy_out: the fused first forward (with grad) over the whole batch, used by the first optimizer step.
         """
         p, world = self.cfg.ppo, self.runtime.world_size
+        self.actor.train()
         sums: dict[str, float] = {}
         n_tokens_total = 0.0
         stopped_early = 0.0
+        steps_taken = 0  # optimizer steps actually applied (early stop and skipped non-finite steps excluded)
         for epoch in range(p.epochs):
             gen = torch.Generator().manual_seed((self.cfg.seed * 1009 + step) * 101 + epoch)
             order = torch.randperm(len(exp), generator=gen)
@@ -250,7 +248,9 @@ class PPOTrainer:
                 result = self.optim.step(micro, loss_fn, where=f"step {step + 1}")
                 for k, v in result.metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
-                sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + (0.0 if result.skipped else result.grad_norm)
+                if not result.skipped:
+                    sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + result.grad_norm
+                    steps_taken += 1
                 n_tokens_total += float(mb.response_mask.sum())
                 epoch_kl.append(result.metrics.get("policy/approx_kl", 0.0) / max(float(mb.response_mask.sum()), 1.0))
             if p.target_kl is not None:
@@ -258,15 +258,15 @@ class PPOTrainer:
                 if mean_kl > p.target_kl:
                     stopped_early = 1.0
                     break
-        n_steps = max(1, p.epochs * (len(exp) // p.minibatch_size))
         out = {}
         for k, v in sums.items():
             if k.startswith("loss/"):
                 out[k] = float(self.runtime.sum(v)) / world / max(float(self.runtime.sum(n_tokens_total)) / world, 1.0)
             elif k == "optim/grad_norm":
-                out[k] = v / n_steps
+                out[k] = v / steps_taken
             else:
                 out[k] = float(self.runtime.sum(v)) / max(float(self.runtime.sum(n_tokens_total)), 1.0)
+        out.setdefault("optim/grad_norm", float("nan"))  # every step skipped: no norm to report
         out["optim/lr"] = self.optim.scheduler.get_last_lr()[0]
         out["optim/nonfinite_skipped_total"] = float(self.optim.nonfinite_total)
         out["policy/early_stopped"] = stopped_early
@@ -282,6 +282,9 @@ class PPOTrainer:
         t2 = time.perf_counter()
         policy_out = None
         if self.fused_first_forward():
+            # The update's forward: train mode (gradient checkpointing is active only there), whatever mode
+            # from_pretrained or the rollout left the model in.
+            self.actor.train()
             policy_out = self.model(rollout.input_ids, rollout.attention_mask, rollout.response_ids,
                                     need_entropy=True, autocast_dtype=self.amp)
         exp, exp_metrics = self.experience(rollout, scores, policy_out)
