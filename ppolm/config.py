@@ -165,8 +165,8 @@ class LogConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every: int = Field(0, ge=0)
-    """Save a checkpoint every N steps (0 = only at the end)."""
+    every: int = Field(50, ge=0)
+    """Save a checkpoint every N steps (0 = only at the end); SIGTERM/SIGINT also save one before exiting."""
     keep: int | None = Field(2, ge=1)
     """Keep at most this many checkpoints (null = all)."""
 
@@ -199,6 +199,9 @@ class CommonConfig(Section):
     """Training steps (PPO: rollout + update cycles; SFT/RM: optimizer steps)."""
     resume: bool = False
     """Continue from the latest valid checkpoint in output_dir."""
+    overwrite_output_dir: bool = False
+    """Replace a previous run in output_dir (its checkpoints, metrics, final model); without it (or resume) a
+    used output_dir is refused."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """'bf16' autocast for the models (maths stays fp32); 'auto' picks bf16 where the hardware has it."""
     trust_remote_code: bool = False

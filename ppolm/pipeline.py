@@ -168,7 +168,7 @@ def evaluate_model(cfg: PipelineConfig, task: Task, model_dir: str, examples: li
     ref = load_model(reference) if reference and getattr(task, "needs_reference_scores", False) else None
     amp = autocast_dtype(cfg.precision, torch.device("cpu"))
     result = evaluate(task, model, tok, examples, batch_size=cfg.eval.batch_size, autocast=amp,
-                      reference_model=ref, seed=cfg.seed)
+                      reference_model=ref, seed=cfg.seed, progress=True)
     out = Path(cfg.output_dir) / f"eval-{name}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2, default=str))

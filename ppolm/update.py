@@ -22,7 +22,9 @@ T = TypeVar("T")
 
 
 class TrainingAborted(PpolmError):
-    """Too many optimizer steps in a row had non-finite gradients."""
+    """Too many optimizer steps in a row had non-finite gradients: the run diverged (not a typo: exit code 3)."""
+
+    exit_code = 3
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[int], float]:

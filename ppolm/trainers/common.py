@@ -35,6 +35,7 @@ from ppolm.state_io import (
     save_rng_state, save_scheduler_state,
 )
 from ppolm.trainers.resume import check_same_run, config_fingerprint
+from ppolm.trainers.run_dir import StopSignals
 from ppolm.update import Optimization
 
 T = TypeVar("T")
@@ -198,6 +199,7 @@ def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...]) -> dict[str
     logger = MetricsLogger(cfg.output_dir, enabled=t.runtime.is_main, total=t.total_steps, initial=t.start_step,
                            tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, desc=desc)
     last: dict[str, float] = {}
+    stop = StopSignals().install()
     try:
         for step in range(t.start_step, t.total_steps):
             metrics = t.step(step)
@@ -209,6 +211,9 @@ def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...]) -> dict[str
             last = metrics
             if done % cfg.log.every == 0 or done == t.total_steps:
                 logger.log(done, metrics, headline)
+            if stop.requested(t.runtime) and done < t.total_steps:
+                t.checkpointer.save(done)
+                raise stop.stopped(done)
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < t.total_steps:
                 t.checkpointer.save(done)
         if t.start_step < t.total_steps:
@@ -217,6 +222,7 @@ def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...]) -> dict[str
             last = t.evaluate()
         t.export_final()
     finally:
+        stop.restore()
         logger.close()
     return last
 

@@ -32,6 +32,7 @@ from ppolm.sampling import row_uniforms
 from ppolm.tasks import Task, build_task
 from ppolm.trainers.actor_critic import build_actor_critic, param_groups, reference_logprobs
 from ppolm.trainers.ppo_state import PPOCheckpointer
+from ppolm.trainers.run_dir import StopSignals, prepare_output_dir
 from ppolm.trainers.prompts import build_prompts, step_rows
 from ppolm.types import Experience, Rollout
 from ppolm.update import Optimization
@@ -58,6 +59,8 @@ class PPOTrainer:
         self.task = task or build_task(cfg.task.name, cfg.task.options)
         extra_fns = [resolve_reward_function(f.name, f.kwargs) for f in cfg.reward.functions]
         self.runtime = runtime or Runtime()
+        prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir,
+                           is_main=self.runtime.is_main)
         self.amp = autocast_dtype(cfg.precision, self.runtime.device)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         examples = self.task.load(cfg.task.data)[: cfg.task.limit]
@@ -310,6 +313,7 @@ class PPOTrainer:
         logger = MetricsLogger(cfg.output_dir, enabled=self.runtime.is_main, total=cfg.max_steps,
                                initial=self.start_step, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
         last: dict[str, float] = {}
+        stop = StopSignals().install()
         try:
             for step in range(self.start_step, cfg.max_steps):
                 out = self.step(step)
@@ -318,11 +322,15 @@ class PPOTrainer:
                     logger.log(step + 1, out.metrics, ("reward/mean", "objective/kl", "time/step_s"))
                 if cfg.log.samples_every and (step + 1) % cfg.log.samples_every == 0:
                     logger.samples(step + 1, out.samples)
+                if stop.requested(self.runtime) and step + 1 < cfg.max_steps:
+                    self.state.save(step + 1)
+                    raise stop.stopped(step + 1)
                 if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.max_steps:
                     self.state.save(step + 1)
             self.state.save(cfg.max_steps)
             self.state.export_final()
         finally:
+            stop.restore()
             logger.close()
         return last
 

@@ -11,7 +11,7 @@ checkpoint-N/ (written crash-safely by CheckpointManager):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,10 +25,24 @@ from ppolm.state_io import (
     save_rng_state, save_scheduler_state,
 )
 
-if TYPE_CHECKING:
-    from ppolm.trainers.ppo import PPOTrainer
 
-def _critic_state(trainer: "PPOTrainer") -> dict[str, torch.Tensor]:
+
+class PPOParts(Protocol):
+    """What a checkpoint reads from a PPO trainer (a Protocol, so this module never imports the trainer)."""
+
+    cfg: Any
+    actor: Any
+    optim: Any
+    kl_ctl: Any
+    scorer: Any
+    runtime: Any
+    prompts: Any
+    tokenizer: Any
+    task: Any
+    global_batch: int
+
+
+def _critic_state(trainer: PPOParts) -> dict[str, torch.Tensor]:
     actor = trainer.actor
     module = actor.value_head if actor.value_head is not None else actor.critic
     return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
@@ -37,7 +51,7 @@ def _critic_state(trainer: "PPOTrainer") -> dict[str, torch.Tensor]:
 class PPOCheckpointer:
     """Save / resume / export for one PPOTrainer."""
 
-    def __init__(self, trainer: "PPOTrainer"):
+    def __init__(self, trainer: PPOParts):
         self.t = trainer
         self.manager = CheckpointManager(trainer.cfg.output_dir, keep=trainer.cfg.checkpoint.keep)
 

@@ -40,6 +40,7 @@ from ppolm.trainers.common import (
     RunCheckpointer, export_model, make_optimization, prepare_model, split_held_out, total_steps, train_loop,
 )
 from ppolm.trainers.resume import data_fingerprint
+from ppolm.trainers.run_dir import prepare_output_dir
 from ppolm.trainers.prompts import step_rows
 
 
@@ -154,6 +155,8 @@ class RMTrainer:
     def __init__(self, config: RMRunConfig, runtime: Runtime | None = None):
         self.cfg = cfg = config
         self.runtime = runtime or Runtime()
+        prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir,
+                           is_main=self.runtime.is_main)
         self.amp = autocast_dtype(cfg.precision, self.runtime.device)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         train_pairs, self.eval_pairs = self._load_data()

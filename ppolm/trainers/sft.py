@@ -38,6 +38,7 @@ from ppolm.trainers.common import (
     RunCheckpointer, export_model, make_optimization, prepare_model, split_held_out, total_steps, train_loop,
 )
 from ppolm.trainers.resume import data_fingerprint
+from ppolm.trainers.run_dir import prepare_output_dir
 from ppolm.trainers.prompts import step_rows
 
 ROLES = ("system", "user", "assistant")
@@ -226,6 +227,8 @@ class SFTTrainer:
         self.task = task or build_task(cfg.task.name, cfg.task.options)  # options validated before any model loads
         self.task_name = cfg.task.name if task is None else task.name
         self.runtime = runtime or Runtime()
+        prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir,
+                           is_main=self.runtime.is_main)
         self.amp = autocast_dtype(cfg.precision, self.runtime.device)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         if self.tokenizer.eos_token_id is None:
