@@ -104,7 +104,8 @@ def stage_config(cfg: PipelineConfig, name: str, extra: dict, out: Path, model: 
     else:
         cls = PPORunConfig
     data = {"model": model, "output_dir": str(out), "seed": cfg.seed, "precision": cfg.precision,
-            "task": {"name": cfg.task.name, "options": cfg.task.options, "eval_fraction": 0.1}, **extra}
+            "task": {"name": cfg.task.name, "options": cfg.task.options, "eval_fraction": 0.1},
+            "overwrite_output_dir": True, **extra}  # a rerun of the pipeline replaces its stages
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
@@ -281,22 +282,21 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 def export_candidate(chosen: Candidate, task: Task, dest: Path, base: str) -> Path:
     """Copy the chosen model directory (or save the base model) with tokenizer, chat template, decoding."""
     from ppolm.models import load_model, load_tokenizer
-    from ppolm.state_io import save_json
+    from ppolm.state_io import atomic_directory, save_json
 
-    if dest.exists():
-        shutil.rmtree(dest)
     src = Path(chosen.model_dir)
-    if src.is_dir():
-        shutil.copytree(src, dest)
-    else:
-        load_model(chosen.model_dir).save_pretrained(dest, safe_serialization=True)
-        load_tokenizer(chosen.model_dir).save_pretrained(dest)
     d = task.decoding
-    save_json(dest / "ppolm_decoding.json", {
-        "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k, "max_new_tokens": d.max_new_tokens,
-        "stop": list(d.stop), "system_prompt": task.system_prompt, "task": task.name, "stage": chosen.name,
-        "base_model": base,
-    })
+    with atomic_directory(dest) as tmp:  # the old export stays whole until the new one is complete
+        if src.is_dir():
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+        else:
+            load_model(chosen.model_dir).save_pretrained(tmp, safe_serialization=True)
+            load_tokenizer(chosen.model_dir).save_pretrained(tmp)
+        save_json(tmp / "ppolm_decoding.json", {
+            "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k, "max_new_tokens": d.max_new_tokens,
+            "stop": list(d.stop), "system_prompt": task.system_prompt, "task": task.name, "stage": chosen.name,
+            "base_model": base,
+        })
     return dest
 
 

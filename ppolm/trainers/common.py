@@ -31,8 +31,8 @@ from ppolm.logger import MetricsLogger
 from ppolm.models.policy import apply_lora, disable_dropout
 from ppolm.runtime import Runtime
 from ppolm.state_io import (
-    load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json, save_optimizer_state,
-    save_rng_state, save_scheduler_state,
+    atomic_directory, load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json,
+    save_optimizer_state, save_rng_state, save_scheduler_state,
 )
 from ppolm.trainers.resume import check_same_run, config_fingerprint
 from ppolm.trainers.run_dir import StopSignals
@@ -170,10 +170,11 @@ def export_model(
     out = Path(out)
     if is_lora(model):
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    for name, obj in (extra or {}).items():
-        save_json(out / name, obj)
+    with atomic_directory(out) as tmp:  # a crash mid-export never leaves a half-written final/
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            save_json(tmp / name, obj)
     return out
 
 
