@@ -41,7 +41,7 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 # purge_step: on resume, events of steps after the checkpoint are dropped (no duplicate points)
-                self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=initial if initial > 0 else None)
+                self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=initial + 1 if initial > 0 else None)
             except ImportError:
                 self.tb = None
         if progress:
