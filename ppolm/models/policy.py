@@ -85,13 +85,31 @@ def response_hidden(
     return out.hidden_states[-1][:, -R - 1 : -1]
 
 
+def final_logit_transform(config, logits: torch.Tensor) -> torch.Tensor:
+    """What some architectures do to the LM head's output inside their own forward (so the sampler sees it):
+    logit scaling (Cohere `logit_scale`: x * s; Granite `logits_scaling`: x / s) and final-logit softcapping
+    (Gemma-2/3 `final_logit_softcapping`: c * tanh(x / c)). Scoring must apply the same, in the same order."""
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(text_cfg, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    scaling = getattr(text_cfg, "logits_scaling", None)
+    if isinstance(scaling, (int, float)) and scaling != 1:
+        logits = logits / scaling
+    cap = getattr(text_cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def lm_logits_fp32(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head in fp32 outside autocast: log-probs and ratios must not carry bf16 rounding."""
+    """The LM head in fp32 outside autocast: log-probs and ratios must not carry bf16 rounding. The model's own
+    final-logit transforms (scaling, softcapping) are applied, so these are the logits the sampler saw."""
     head = model.get_output_embeddings()
     with torch.autocast(hidden.device.type, enabled=False):
         weight = head.weight.float()
         bias = head.bias.float() if getattr(head, "bias", None) is not None else None
-        return nn.functional.linear(hidden.float(), weight, bias)
+        return final_logit_transform(model.config, nn.functional.linear(hidden.float(), weight, bias))
 
 
 def score_tokens(
@@ -124,7 +142,11 @@ def score_tokens(
 
 
 class SeparateCritic(nn.Module):
-    """A value model with its own backbone (a copy of the policy or of the reward model) and a value head."""
+    """A value model with its own backbone (a copy of the policy or of the reward model) and a value head.
+
+    The backbone is the bare transformer (`model.base_model`), without the LM or score head: such a head would
+    never get a gradient, which DDP rejects as unused parameters when embeddings are untied.
+    """
 
     def __init__(self, backbone: PreTrainedModel, head: ValueHead):
         super().__init__()
@@ -136,8 +158,9 @@ class SeparateCritic(nn.Module):
     ) -> torch.Tensor:
         """V for the R response positions, (B, R) fp32."""
         with autocast_ctx(autocast_dtype, input_ids.device):
-            hidden = response_hidden(self.backbone, input_ids, attention_mask, R)
-        return self.head(hidden)
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        return self.head(out.last_hidden_state[:, -R - 1: -1])
 
 
 def hidden_size(model: PreTrainedModel) -> int:

@@ -75,7 +75,8 @@ def build_actor_critic(cfg: PPORunConfig, amp: torch.dtype | None) -> tuple[Acto
             value_head = ValueHead(hidden_size(policy))
         else:
             source = cfg.reward.model if cfg.critic.init == "reward" else cfg.model
-            backbone = load_model(source, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+            # the bare transformer: an LM/score head would get no gradient (DDP: unused parameters)
+            backbone = load_model(source, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed).base_model
             disable_dropout(backbone)
             critic = SeparateCritic(backbone, ValueHead(hidden_size(backbone)))
     return ActorCritic(policy, value_head, critic, temperature=cfg.rollout.temperature), reference
