@@ -166,13 +166,19 @@ def test_atomic_directory_keeps_the_old_directory_on_failure(tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["b.txt"]
 
 
-def test_export_model_goes_through_atomic_directory(tmp_path, monkeypatch):
+def test_failed_export_leaves_the_previous_final_intact(tmp_path, monkeypatch):
     import ppolm.trainers.common as common
     from ppolm.models import load_model, load_tokenizer
+    from ppolm.trainers.ppo_state import load_policy_weights
 
     model, tok = load_model("tiny-random-llama"), load_tokenizer("tiny-random-llama")
     common.export_model(model, tok, tmp_path / "final")
-    monkeypatch.setattr(type(model), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    before = load_policy_weights(tmp_path / "final")
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # the weights have moved since the last export
+    monkeypatch.setattr(type(tok), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        common.export_model(model, tok, tmp_path / "final")
-    assert (tmp_path / "final" / "model.safetensors").is_file()  # the previous export is intact
+        common.export_model(model, tok, tmp_path / "final")  # fails after the weights were written
+    after = load_policy_weights(tmp_path / "final")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # not a mix of old and new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
