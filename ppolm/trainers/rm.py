@@ -155,11 +155,12 @@ class RMTrainer:
     def __init__(self, config: RMRunConfig, runtime: Runtime | None = None):
         self.cfg = cfg = config
         self.runtime = runtime or Runtime()
-        prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir,
-                           is_main=self.runtime.is_main)
         self.amp = autocast_dtype(cfg.precision, self.runtime.device)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         train_pairs, self.eval_pairs = self._load_data()
+        # after the data (its errors are more specific), before any model loads
+        prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir,
+                           is_main=self.runtime.is_main)
         self.train_pairs = train_pairs
         self.global_batch = cfg.batch_size * self.runtime.world_size
         self.total_steps = total_steps(cfg.max_steps, cfg.epochs, len(train_pairs), self.global_batch)

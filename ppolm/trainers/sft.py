@@ -227,13 +227,14 @@ class SFTTrainer:
         self.task = task or build_task(cfg.task.name, cfg.task.options)  # options validated before any model loads
         self.task_name = cfg.task.name if task is None else task.name
         self.runtime = runtime or Runtime()
-        prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir,
-                           is_main=self.runtime.is_main)
         self.amp = autocast_dtype(cfg.precision, self.runtime.device)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         if self.tokenizer.eos_token_id is None:
             raise ModelLoadError(f"model '{cfg.model}': the tokenizer has no EOS token to end completions with")
         self.train_rows, self.eval_rows = self._load_data()
+        # after the data (its errors are more specific), before any model loads
+        prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir,
+                           is_main=self.runtime.is_main)
         self.global_batch = cfg.batch_size * self.runtime.world_size
         self.total_steps = total_steps(cfg.max_steps, cfg.epochs, len(self.train_rows), self.global_batch)
         lm = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
