@@ -182,3 +182,15 @@ def test_failed_export_leaves_the_previous_final_intact(tmp_path, monkeypatch):
     after = load_policy_weights(tmp_path / "final")
     assert all(torch.equal(before[k], after[k]) for k in before)  # not a mix of old and new
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_pipeline_reruns_into_its_own_output_dir(tmp_path):
+    """The pipeline replaces its stage folders on a rerun (make demo stays rerunnable)."""
+    from ppolm.pipeline import PipelineConfig, run_pipeline
+
+    cfg = load_config(PipelineConfig, ROOT / "configs/pipeline-tiny.yaml",
+                      [f"output_dir={tmp_path}", "report=false", "ppo.max_steps=2", "sft.max_steps=2"])
+    run_pipeline(cfg)
+    run_pipeline(cfg)
+    assert _steps(tmp_path / "ppo" / "metrics.jsonl") == [1, 2]
+    assert (tmp_path / "export" / "ppolm_decoding.json").is_file()
