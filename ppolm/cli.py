@@ -1,7 +1,9 @@
 """The `ppolm` command line: one subcommand per stage of the flow.
 
 Every training command takes `--config FILE` plus dotted `key=value` overrides; the config is validated
-before any model loads. User errors print one line and exit with code 2 (a traceback only with --debug).
+before any model loads. Exit codes (a traceback only with --debug):
+  0 success; 2 bad input (usage, config, data file, model name, checkpoint); 3 training aborted because it
+  diverged (non-finite gradients K steps in a row); 130 interrupted (Ctrl-C, after the emergency checkpoint).
 """
 
 from __future__ import annotations
@@ -173,7 +175,8 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "data":
         if args.data_command == "check":
             return _run_data_check(args)
-        parser.parse_args(["data", "--help"])
+        print("usage: ppolm data check FILE [...]\nerror: 'ppolm data' needs a command (check)", file=sys.stderr)
+        return 2
     if args.command == "eval":
         return _load("ppolm.eval.run:eval_command")(args)
     if args.command == "generate":
@@ -182,8 +185,9 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return _run_serve(args)
     if args.command == "export":
         return _run_export(args)
-    parser.print_help()
-    return 0
+    parser.print_usage(sys.stderr)
+    print("error: a command is required (ppolm --help lists them)", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

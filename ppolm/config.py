@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -145,8 +145,8 @@ class OptimConfig(Section):
     """Learning rate of the critic (null = same as lr)."""
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.95)
+    """AdamW betas, each in [0, 1)."""
     eps: float = Field(1e-8, gt=0.0)
     """AdamW epsilon."""
     warmup_steps: int = Field(0, ge=0)
@@ -194,8 +194,8 @@ class LogConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every: int = Field(0, ge=0)
-    """Save a checkpoint every N steps (0 = only at the end)."""
+    every: int = Field(50, ge=0)
+    """Save a checkpoint every N steps (0 = only at the end); SIGTERM/SIGINT also save one before exiting."""
     keep: int | None = Field(2, ge=1)
     """Keep at most this many checkpoints (null = all)."""
 
@@ -228,6 +228,9 @@ class CommonConfig(Section):
     """Training steps (PPO: rollout + update cycles; SFT/RM: optimizer steps)."""
     resume: bool = False
     """Continue from the latest valid checkpoint in output_dir."""
+    overwrite_output_dir: bool = False
+    """Replace a previous run in output_dir (its checkpoints, metrics, final model); without it (or resume) a
+    used output_dir is refused."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """'bf16' autocast for the models (maths stays fp32); 'auto' picks bf16 where the hardware has it."""
     trust_remote_code: bool = False
@@ -283,7 +286,22 @@ class PPORunConfig(CommonConfig):
         check_guard(self.eval, self.guard)
         if self.critic.init == "reward" and self.critic.kind != "separate":
             raise ValueError("critic.init: 'reward' needs critic.kind: 'separate' (a value head shares the policy)")
-        return self
+        return check_ppo_sampling(self)
+
+
+def check_ppo_sampling(cfg: "PPORunConfig") -> "PPORunConfig":
+    """PPO's ratio needs the log-probs of the policy that sampled: scoring uses logits / temperature, which is
+    that policy only without truncation (top-k/top-p) and with temperature > 0; LoRA dropout would make the
+    rollout (eval) and update (train) functions differ."""
+    r = cfg.rollout
+    if r.temperature == 0:
+        raise ValueError("rollout.temperature: 0 (greedy) is not a sampling policy PPO can score; use > 0")
+    if r.top_k or r.top_p < 1.0:
+        raise ValueError("rollout.top_k / rollout.top_p: truncated sampling is not scored by PPO (the ratio would "
+                         "be biased); keep top_k=0 and top_p=1.0")
+    if cfg.lora.enabled and cfg.lora.dropout > 0:
+        raise ValueError("lora.dropout: must be 0 for PPO (rollout runs without dropout, the update with it)")
+    return cfg
 
 
 def check_guard(eval_cfg: EvalConfig, guard: GuardConfig) -> None:

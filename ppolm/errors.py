@@ -1,7 +1,8 @@
 """User-facing errors.
 
 Every error a user can cause (bad config, bad data file, missing model) is a ``PpolmError``: the CLI
-prints its message as one line and exits with code 2, with no traceback unless ``--debug``.
+prints its message as one line and exits with its ``exit_code`` (2 for bad input; 3 for a diverged run,
+``ppolm.update.TrainingAborted``), with no traceback unless ``--debug``.
 """
 
 from __future__ import annotations

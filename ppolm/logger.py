@@ -31,15 +31,17 @@ class MetricsLogger:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
-        if initial == 0 and self.path.exists():
-            self.path.unlink()
-        elif initial > 0 and self.path.exists():
-            self._truncate_after(initial)
+        for path in (self.path, self.dir / "samples.jsonl"):
+            if initial == 0 and path.exists():
+                path.unlink()
+            elif initial > 0 and path.exists():
+                self._truncate_after(path, initial)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+                # purge_step: on resume, events of steps after the checkpoint are dropped (no duplicate points)
+                self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=initial + 1 if initial > 0 else None)
             except ImportError:
                 self.tb = None
         if progress:
@@ -47,10 +49,11 @@ class MetricsLogger:
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
-    def _truncate_after(self, step: int) -> None:
+    @staticmethod
+    def _truncate_after(path: Path, step: int) -> None:
         """On resume, drop lines of steps after the checkpoint so the file reads as one uninterrupted run."""
         kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 if json.loads(line).get("step", 0) <= step:
                     kept.append(line)
@@ -59,7 +62,7 @@ class MetricsLogger:
         # atomic: a crash during the rewrite must not lose the steps before the checkpoint
         from ppolm.state_io import atomic_write_bytes
 
-        atomic_write_bytes(self.path, "".join(k + "\n" for k in kept).encode("utf-8"))
+        atomic_write_bytes(path, "".join(k + "\n" for k in kept).encode("utf-8"))
 
     def log(self, step: int, metrics: dict[str, Any], headline: tuple[str, ...] = ()) -> None:
         if not self.enabled:

@@ -124,7 +124,8 @@ def stage_config(cfg: PipelineConfig, name: str, extra: dict, out: Path, model: 
     else:
         cls = PPORunConfig
     data = {"model": model, "output_dir": str(out), "seed": cfg.seed, "precision": cfg.precision,
-            "task": {"name": cfg.task.name, "options": cfg.task.options, "eval_fraction": 0.1}, **extra}
+            "task": {"name": cfg.task.name, "options": cfg.task.options, "eval_fraction": 0.1},
+            "overwrite_output_dir": True, **extra}  # a rerun of the pipeline replaces its stages
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
@@ -192,7 +193,7 @@ def evaluate_model(cfg: PipelineConfig, task: Task, model_dir: str, examples: li
     ref = load_model(reference) if reference and getattr(task, "needs_reference_scores", False) else None
     amp = autocast_dtype(cfg.precision, torch.device("cpu"))
     result = evaluate(task, model, tok, examples, batch_size=cfg.eval.batch_size, autocast=amp,
-                      reference_model=ref, seed=cfg.seed)
+                      reference_model=ref, seed=cfg.seed, progress=True)
     out = Path(cfg.output_dir) / f"eval-{name}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2, default=str))
@@ -351,22 +352,21 @@ def _guard_line(trip) -> str | None:
 def export_candidate(chosen: Candidate, task: Task, dest: Path, base: str) -> Path:
     """Copy the chosen model directory (or save the base model) with tokenizer, chat template, decoding."""
     from ppolm.models import load_model, load_tokenizer
-    from ppolm.state_io import save_json
+    from ppolm.state_io import atomic_directory, save_json
 
-    if dest.exists():
-        shutil.rmtree(dest)
     src = Path(chosen.model_dir)
-    if src.is_dir():
-        shutil.copytree(src, dest)
-    else:
-        load_model(chosen.model_dir).save_pretrained(dest, safe_serialization=True)
-        load_tokenizer(chosen.model_dir).save_pretrained(dest)
     d = task.decoding
-    save_json(dest / "ppolm_decoding.json", {
-        "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k, "max_new_tokens": d.max_new_tokens,
-        "stop": list(d.stop), "system_prompt": task.system_prompt, "task": task.name, "stage": chosen.name,
-        "base_model": base,
-    })
+    with atomic_directory(dest) as tmp:  # the old export stays whole until the new one is complete
+        if src.is_dir():
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+        else:
+            load_model(chosen.model_dir).save_pretrained(tmp, safe_serialization=True)
+            load_tokenizer(chosen.model_dir).save_pretrained(tmp)
+        save_json(tmp / "ppolm_decoding.json", {
+            "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k, "max_new_tokens": d.max_new_tokens,
+            "stop": list(d.stop), "system_prompt": task.system_prompt, "task": task.name, "stage": chosen.name,
+            "base_model": base,
+        })
     return dest
 
 

@@ -26,6 +26,18 @@ def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def eos_token_ids_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and each id of the model's
+    generation_config.eos_token_id, which is a list for some models (Llama-3: <|end_of_text|>, <|eot_id|>)."""
+    ids: list[int] = []
+    gen = getattr(model, "generation_config", None)
+    for source in (tokenizer.eos_token_id, getattr(gen, "eos_token_id", None)):
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -40,7 +52,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     stop: list[str] | None = None,
-    eos_token_ids: list[int] | None = None,
+    eos_token_ids: list[int] | None = None,  # default: eos_token_ids_of(model, tokenizer)
     autocast_dtype: torch.dtype | None = None,
     prompts: list[str] | None = None,
 ) -> Rollout:
@@ -51,7 +63,7 @@ def generate(
     """
     device = prompt_ids.device
     B = prompt_ids.shape[0]
-    eos = torch.tensor(eos_token_ids or [tokenizer.eos_token_id], device=device)
+    eos = torch.tensor(eos_token_ids or eos_token_ids_of(model, tokenizer), device=device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos[0])
     attention = prompt_mask.long()
     positions = position_ids_from_mask(attention)

@@ -19,11 +19,14 @@ restricted to ``weights_only=True`` (tensors and plain containers; any other glo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,33 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_directory(dest: str | Path) -> Iterator[Path]:
+    """Write a whole directory atomically: the body fills the yielded temp directory (next to `dest`), then it
+    is fsynced and renamed over `dest`. A crash leaves either the old `dest` or the new one, never a mix;
+    the temp directory of a failed write is removed."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    old = dest.parent / f".old-{dest.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for dirpath, _, filenames in os.walk(tmp):
+            for name in filenames:
+                with open(Path(dirpath) / name, "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(dirpath)
+        if dest.exists():
+            os.replace(dest, old)  # a directory cannot be renamed over a non-empty one: move it aside first
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_json(path: str | Path, obj: Any) -> None:

@@ -22,7 +22,9 @@ T = TypeVar("T")
 
 
 class TrainingAborted(PpolmError):
-    """Too many optimizer steps in a row had non-finite gradients."""
+    """Too many optimizer steps in a row had non-finite gradients: the run diverged (not a typo: exit code 3)."""
+
+    exit_code = 3
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[int], float]:
@@ -144,8 +146,3 @@ class Optimization:
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         self.nonfinite_total = int(state["nonfinite_total"])
         self.steps_done = int(state["steps_done"])
-
-
-def split_micro(index: torch.Tensor, n_micro: int) -> list[torch.Tensor]:
-    """Split a minibatch's row indices into n_micro equal micro-batches."""
-    return list(torch.chunk(index, n_micro))

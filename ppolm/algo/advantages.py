@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ppolm.ops import kl_estimate, masked_whiten
+from ppolm.ops import kl_estimate
 
 
 def last_token_index(response_mask: torch.Tensor) -> torch.Tensor:
@@ -66,8 +66,3 @@ def gae(
         next_adv, next_value = advantages[:, t], values[:, t]
     returns = (advantages + values) * mask
     return advantages, returns
-
-
-def whiten_advantages(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Normalize advantages to zero mean, unit variance over all response tokens of the batch."""
-    return masked_whiten(advantages, response_mask, shift_mean=True)

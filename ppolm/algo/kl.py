@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -27,6 +28,7 @@ class AdaptiveKLController:
 
     e = clip(KL / target - 1, -0.2, 0.2);  kl_coef <- kl_coef * (1 + e * n_steps / horizon)
     where n_steps is the number of samples (episodes) in the batch, as in Ziegler et al.
+    A non-finite KL is skipped (coefficient unchanged).
     """
 
     value: float
@@ -34,6 +36,10 @@ class AdaptiveKLController:
     horizon: float
 
     def update(self, current_kl: float, n_steps: int) -> None:
+        # One NaN/inf KL (a diverged batch) would make the coefficient NaN for the rest of the run, and the
+        # checkpoint (strict JSON) unwritable: such a step leaves the coefficient unchanged.
+        if not math.isfinite(current_kl):
+            return
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ppolm.data.readers import Record
@@ -17,6 +18,7 @@ from ppolm.errors import DataError
 DROP_REASONS = ("empty", "too_short", "too_long", "duplicate")
 _NORMAL_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
 _SPACES = re.compile(r"\s+")
+_PUNCT = "".join(chr(c) for c in range(0x21, 0x7F) if not chr(c).isalnum())
 
 
 @dataclass
@@ -44,6 +46,32 @@ def clean_text(text: str, normalize: str | None = "NFC") -> str:
     if normalize:
         text = unicodedata.normalize(normalize, text)
     return _SPACES.sub(" ", text).strip()
+
+
+def load_stop_words(spec: str) -> frozenset[str]:
+    """'english' = scikit-learn's English list (318 words); anything else is a UTF-8 file, one word a line
+    ('#' starts a comment). Raises ConfigError naming the file."""
+    from ppolm.errors import ConfigError
+
+    if spec == "english":
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+        return frozenset(ENGLISH_STOP_WORDS)
+    try:
+        lines = Path(spec).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"stop_words: '{spec}' is neither 'english' nor a readable UTF-8 word list ({exc})") from None
+    words = frozenset(w.strip().lower() for w in lines if w.strip() and not w.lstrip().startswith("#"))
+    if not words:
+        raise ConfigError(f"stop_words: '{spec}' holds no words")
+    return words
+
+
+def remove_stop_words(text: str, stop_words: frozenset[str]) -> str:
+    """Drop the words of ``text`` (split on spaces) whose lower-case form, stripped of punctuation, is a stop
+    word; the other words keep their case and punctuation. ``"The film is great."`` -> ``"film great."``."""
+    kept = [w for w in text.split(" ") if w.strip(_PUNCT).lower() not in stop_words]
+    return " ".join(kept)
 
 
 def clean_records(

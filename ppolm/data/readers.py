@@ -17,7 +17,6 @@ import difflib
 import io
 import json
 import re
-import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +33,12 @@ EXTENSIONS = {
 _LINE_FORMATS = ("jsonl", "json", "csv", "tsv", "text", "conll")
 _TAG = re.compile(r"^(O|[BIES]-\S+)$")
 _NUMBER = re.compile(r"^[+-]?\d+(\.\d*)?$")
-# Some CSV exports hold whole documents in one cell; the csv module's default limit is 128 KiB.
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+# Text files are read whole into memory: past this size, a clear error instead of swapping (parquet and
+# dataset directories are read column-wise and have no such cap).
+MAX_TEXT_FILE_BYTES = 1 << 30
+# Some CSV exports hold whole documents in one cell (the csv module's default limit is 128 KiB): cells up to
+# this size are read. The limit is raised only while this module reads a CSV file, never for the process.
+MAX_CSV_FIELD_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -186,12 +189,25 @@ def iob1_to_iob2(tags: list[str]) -> list[str]:
     return out
 
 
+def _encoding_hint(data: bytes) -> str:
+    """Name the likely encoding of a file that is not UTF-8, with the conversion to run."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or data[:4096].count(b"\0") > len(data[:4096]) // 8:
+        return "; the file looks like UTF-16: convert it, e.g. `iconv -f UTF-16 -t UTF-8 IN > OUT`"
+    return ("; the file may be Latin-1 (ISO-8859-1) or Windows-1252: convert it, e.g. "
+            "`iconv -f WINDOWS-1252 -t UTF-8 IN > OUT`")
+
+
 class _Source:
     """A text file decoded as UTF-8 (BOM stripped) and split into lines, with an error helper."""
 
     def __init__(self, path: Path):
         self.path = str(path)
         try:
+            size = path.stat().st_size
+            if size > MAX_TEXT_FILE_BYTES:
+                raise DataError(path, None, None, f"file is {size / 2**30:.1f} GiB, over the "
+                                f"{MAX_TEXT_FILE_BYTES / 2**30:.0f} GiB read into memory; split it, or convert it "
+                                "to parquet")
             data = path.read_bytes()
         except OSError as e:
             raise DataError(path, None, None, f"cannot read file: {e.strerror}") from None
@@ -205,7 +221,7 @@ class _Source:
             line = data.count(b"\n", 0, e.start) + 1
             col = e.start - (data.rfind(b"\n", 0, e.start) + 1)
             raise DataError(path, line, None, f"invalid UTF-8: byte 0x{data[e.start]:02x} at byte offset {col} "
-                            f"of the line (offset {e.start + bom} in the file)") from None
+                            f"of the line (offset {e.start + bom} in the file){_encoding_hint(data)}") from None
         self.complete = self.text.endswith("\n")
         lines = self.text.split("\n")
         if self.complete:
@@ -305,6 +321,14 @@ def _parse_delimited(src: _Source, fmt: str, columns: list[str] | None, header: 
 
 def _csv_rows(src: _Source):
     """Yield (first line, last line, cells) per CSV row; quoting errors become DataErrors."""
+    previous = csv.field_size_limit(MAX_CSV_FIELD_BYTES)
+    try:
+        yield from _csv_rows_capped(src)
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _csv_rows_capped(src: _Source):
     reader = csv.reader(io.StringIO(src.text, newline=""), strict=True)
     while True:
         start = reader.line_num + 1
@@ -314,7 +338,9 @@ def _csv_rows(src: _Source):
             return
         except csv.Error as e:
             msg = str(e)
-            if "unexpected end of data" in msg or reader.line_num > start:
+            if "field larger than field limit" in msg:
+                msg = f"a cell is larger than {MAX_CSV_FIELD_BYTES >> 20} MiB (the CSV cell size cap)"
+            elif "unexpected end of data" in msg or reader.line_num > start:
                 msg = f"unterminated quote: quoted field starting at line {start} is never closed ({msg})"
             else:
                 msg = f"bad quoting: {msg}"

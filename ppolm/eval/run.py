@@ -104,12 +104,16 @@ def complete(
     seed: int = 0,
     reference_scores: bool = False,
     reference_model: PreTrainedModel | None = None,
+    progress: bool = False,
 ) -> Completions:
     """Decode every prompt (token id lists, chat template already applied) with ``decoding``.
 
     Batches hold prompts of similar length (less left padding); row i's sampling noise comes from
     ``row_uniforms(seed, 0, [i])``, so a completion does not depend on the batch split.
+    progress: a tqdm bar over the prompts (the CLI commands and the pipeline turn it on).
     """
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     n = len(prompt_ids)
@@ -118,6 +122,7 @@ def complete(
     if reference_scores:
         res.kls, res.ref_nll, res.ref_tokens = [0.0] * n, [0.0] * n, [0] * n
     model.eval()
+    bar = tqdm(total=n, desc="generate", unit="row", dynamic_ncols=True, disable=not progress)
     for lo in range(0, n, batch_size):
         idx = order[lo: lo + batch_size]
         x, m = left_pad_collate([list(prompt_ids[i]) for i in idx], pad)
@@ -132,6 +137,8 @@ def complete(
             kl, nll, tok = sequence_kl_and_nll(model, reference_model, out, autocast)
             for j, i in enumerate(idx):
                 res.kls[i], res.ref_nll[i], res.ref_tokens[i] = float(kl[j]), float(nll[j]), int(tok[j])
+        bar.update(len(idx))
+    bar.close()
     return res
 
 
@@ -147,6 +154,7 @@ def evaluate(
     reference_model: PreTrainedModel | None = None,
     seed: int = 0,
     label_scores: bool = True,
+    progress: bool = False,
 ) -> EvalResult:
     """Generate a completion per example (chat template + ``task.system_prompt``) and compute metrics.
 
@@ -163,7 +171,7 @@ def evaluate(
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     want_ref = bool(getattr(task, "needs_reference_scores", False))
     gen = complete(model, tokenizer, ids, decoding or task.decoding, batch_size=batch_size, autocast=autocast,
-                   seed=seed, reference_scores=want_ref, reference_model=reference_model)
+                   seed=seed, reference_scores=want_ref, reference_model=reference_model, progress=progress)
     n, completions = len(examples), gen.texts
     t_gen = time.perf_counter() - t0
     extra: dict[str, Any] = {}
@@ -271,7 +279,7 @@ def eval_command(args: argparse.Namespace) -> int:
     reference = _load(ref_name, device)[0] if ref_name and ref_name != args.model else None
     amp = autocast_dtype("auto", device)
     result = evaluate(task, model, tokenizer, examples, batch_size=args.batch_size, autocast=amp,
-                      reference_model=reference)
+                      reference_model=reference, progress=True)
     out_dir = Path(args.output_dir or f"runs/eval-{task.name}")
     out_dir.mkdir(parents=True, exist_ok=True)
     run = {"task": args.task, "model": args.model, "data": args.data or "demo", "limit": args.limit,
@@ -331,8 +339,8 @@ def generate_command(args: argparse.Namespace) -> int:
     decoding = task.decoding if task is not None else Decoding(max_new_tokens=128, temperature=0.0)
     overrides = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature))
                  if v is not None}
-    if overrides.get("max_new_tokens", 1) < 1 or overrides.get("temperature", 0.0) < 0:
-        raise ConfigError("--max-new-tokens must be >= 1 and --temperature >= 0")
+    if not (overrides.get("max_new_tokens", 1) >= 1 and 0.0 <= overrides.get("temperature", 0.0) <= 10.0):
+        raise ConfigError("--max-new-tokens must be >= 1 and --temperature a number in [0, 10]")
     decoding = replace(decoding, **overrides)
     path = Path(args.input)
     records = read_records(path)
@@ -352,7 +360,8 @@ def generate_command(args: argparse.Namespace) -> int:
     system = task.system_prompt if task is not None else None
     ids = [tokenizer(apply_chat_template(tokenizer, p, system), add_special_tokens=False)["input_ids"] for p in prompts]
     t0 = time.perf_counter()
-    out = complete(model, tokenizer, ids, decoding, batch_size=args.batch_size, autocast=autocast_dtype("auto", device))
+    out = complete(model, tokenizer, ids, decoding, batch_size=args.batch_size, autocast=autocast_dtype("auto", device),
+                   progress=True)
     output = Path(args.output) if args.output else path.with_suffix(".completions.jsonl")
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", encoding="utf-8") as f:

@@ -19,11 +19,26 @@ from ppolm.ops import entropy_from_logits, logprobs_from_logits
 from ppolm.rollout import position_ids_from_mask
 
 
+# Config floats that models read at forward time as a dropout probability (not as nn.Dropout modules): Llama,
+# Qwen2, Gemma... pass `attention_dropout` straight to the attention kernel in train mode.
+DROPOUT_CONFIG_KEYS = ("attention_dropout", "attn_pdrop", "hidden_dropout", "resid_pdrop", "embd_pdrop",
+                       "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "activation_dropout")
+
+
 def disable_dropout(model: nn.Module) -> None:
-    """PPO's ratios assume the same function at rollout and update: dropout off everywhere."""
+    """PPO's ratios assume the same function at rollout (eval) and update (train): dropout off everywhere,
+    both nn.Dropout modules and the probabilities that attention layers read from the config or attributes."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    for cfg in configs.values():
+        for key in DROPOUT_CONFIG_KEYS:
+            if isinstance(getattr(cfg, key, None), float):
+                setattr(cfg, key, 0.0)
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for key in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, key, None), float):  # attention modules copy the float at init
+                setattr(module, key, 0.0)
 
 
 class ValueHead(nn.Module):
@@ -79,13 +94,31 @@ def response_hidden(
     return out.hidden_states[-1][:, -R - 1 : -1]
 
 
+def final_logit_transform(config, logits: torch.Tensor) -> torch.Tensor:
+    """What some architectures do to the LM head's output inside their own forward (so the sampler sees it):
+    logit scaling (Cohere `logit_scale`: x * s; Granite `logits_scaling`: x / s) and final-logit softcapping
+    (Gemma-2/3 `final_logit_softcapping`: c * tanh(x / c)). Scoring must apply the same, in the same order."""
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(text_cfg, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    scaling = getattr(text_cfg, "logits_scaling", None)
+    if isinstance(scaling, (int, float)) and scaling != 1:
+        logits = logits / scaling
+    cap = getattr(text_cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def lm_logits_fp32(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head in fp32 outside autocast: log-probs and ratios must not carry bf16 rounding."""
+    """The LM head in fp32 outside autocast: log-probs and ratios must not carry bf16 rounding. The model's own
+    final-logit transforms (scaling, softcapping) are applied, so these are the logits the sampler saw."""
     head = model.get_output_embeddings()
     with torch.autocast(hidden.device.type, enabled=False):
         weight = head.weight.float()
         bias = head.bias.float() if getattr(head, "bias", None) is not None else None
-        return nn.functional.linear(hidden.float(), weight, bias)
+        return final_logit_transform(model.config, nn.functional.linear(hidden.float(), weight, bias))
 
 
 def score_tokens(
@@ -97,15 +130,20 @@ def score_tokens(
     value_head: ValueHead | None = None,
     need_entropy: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
 ) -> TokenScores:
     """log pi(response token) for each response position, and V from `value_head` on the same forward.
 
     input_ids, attention_mask (B, T) with the response in the last R = response_ids.shape[1] positions.
+    temperature: the sampling temperature; logits / temperature make these the log-probs of the policy that
+    sampled (N+ implementation details, "scale the logits by the sampling temperature").
     """
     R = response_ids.shape[1]
     with autocast_ctx(autocast_dtype, input_ids.device):
         hidden = response_hidden(model, input_ids, attention_mask, R)
     logits = lm_logits_fp32(model, hidden)
+    if temperature != 1.0:
+        logits = logits / temperature
     logprobs = logprobs_from_logits(logits, response_ids)
     values = value_head(hidden) if value_head is not None else None
     entropy = entropy_from_logits(logits) if need_entropy else None
@@ -113,7 +151,11 @@ def score_tokens(
 
 
 class SeparateCritic(nn.Module):
-    """A value model with its own backbone (a copy of the policy or of the reward model) and a value head."""
+    """A value model with its own backbone (a copy of the policy or of the reward model) and a value head.
+
+    The backbone is the bare transformer (`model.base_model`), without the LM or score head: such a head would
+    never get a gradient, which DDP rejects as unused parameters when embeddings are untied.
+    """
 
     def __init__(self, backbone: PreTrainedModel, head: ValueHead):
         super().__init__()
@@ -125,8 +167,9 @@ class SeparateCritic(nn.Module):
     ) -> torch.Tensor:
         """V for the R response positions, (B, R) fp32."""
         with autocast_ctx(autocast_dtype, input_ids.device):
-            hidden = response_hidden(self.backbone, input_ids, attention_mask, R)
-        return self.head(hidden)
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        return self.head(out.last_hidden_state[:, -R - 1: -1])
 
 
 def hidden_size(model: PreTrainedModel) -> int:
@@ -134,11 +177,11 @@ def hidden_size(model: PreTrainedModel) -> int:
     return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
 
 
-def frozen_copy(model: PreTrainedModel, dtype: torch.dtype | None) -> PreTrainedModel:
-    """A frozen reference copy; stored in bf16 when training runs in bf16 (half the memory, faster)."""
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A frozen reference copy in the policy's own dtype. Not cast to bf16 in bf16 runs: the policy keeps fp32
+    master weights under autocast, and a bf16 copy would give KL != 0 at step 0 (norms, embeddings and the
+    fp32 LM head would read rounded weights)."""
     ref = copy.deepcopy(model)
-    if dtype is not None:
-        ref = ref.to(dtype)
     ref.requires_grad_(False)
     ref.eval()
     return ref
@@ -150,10 +193,3 @@ def apply_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float, tar
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
-
-
-@contextlib.contextmanager
-def reference_mode(policy: PreTrainedModel):
-    """With LoRA, the reference is the base model: adapters disabled for the duration."""
-    with policy.disable_adapter():
-        yield

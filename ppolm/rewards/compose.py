@@ -140,28 +140,22 @@ class Scorer:
             ).cpu()
         return total
 
-    def __call__(
-        self, prompts: list[str], completions: list[str], rows: dict[str, list], ended: torch.Tensor,
-        all_raw: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, ScoreStats]:
-        """Final scores (B,). Non-finite raw scores become 0 and are counted, never propagated.
-
-        all_raw: raw scores of the global batch (multi-process) for the running moments; default = this batch.
-        """
-        raw = self.raw_scores(prompts, completions, rows)
-        return self.finish(raw, ended, all_raw)
-
     def finish(
         self, raw: torch.Tensor, ended: torch.Tensor, all_raw: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ScoreStats]:
-        """Normalization, clipping and EOS penalty applied to raw scores (B,)."""
+        """Normalization, clipping and EOS penalty applied to raw scores (B,).
+
+        Non-finite raw scores become 0 and are counted, never propagated: they stay 0 after normalization and
+        clipping (a zeroed score is "no signal", not the penalty (0 - mean) / std). The EOS penalty still applies.
+        all_raw: raw scores of the global batch (multi-process) for the running moments; default = this batch.
+        """
         finite = torch.isfinite(raw)
         scores = torch.where(finite, raw, torch.zeros_like(raw))
         stats = ScoreStats(raw=raw, nonfinite=int((~finite).sum()))
         if self.normalize:
             pool = all_raw if all_raw is not None else raw
             self.moments.update(pool[torch.isfinite(pool)])
-            scores = (scores - self.moments.mean) / self.moments.std
+            scores = torch.where(finite, (scores - self.moments.mean) / self.moments.std, torch.zeros_like(scores))
         if self.clip is not None:
             scores = scores.clamp(-self.clip, self.clip)
         if self.missing_eos_penalty is not None:

@@ -38,6 +38,18 @@ class Decoding:
     top_k: int = 0
     stop: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # Every path that builds decoding settings (tasks, `ppolm eval/generate` flags, the pipeline) lands here:
+        # NaN passes `< 0` checks, so ranges are checked as "inside", not "not outside".
+        from ppolm.errors import ConfigError
+
+        if not (0.0 <= self.temperature <= 10.0):
+            raise ConfigError(f"temperature must be a number in [0, 10], got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.max_new_tokens < 1:
+            raise ConfigError(f"top_k must be >= 0 and max_new_tokens >= 1 (got {self.top_k}, {self.max_new_tokens})")
+
 
 class TaskOptions(BaseModel):
     """Base of a task's options: unknown keys are errors."""

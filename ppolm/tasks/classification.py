@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import Field
 
 from ppolm.data.check import headerless_class_columns
-from ppolm.data.clean import clean_text
+from ppolm.data.clean import clean_text, load_stop_words, remove_stop_words
 from ppolm.data.readers import (
     Record,
     check_fields,
@@ -44,9 +44,12 @@ DEFAULT_INSTRUCTION = ("Which of these labels fits the text best: {labels}? Answ
 _HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 
-def clean_input(text: str, max_words: int | None = None) -> str:
-    """HTML line breaks (IMDB's ``<br />``) and whitespace runs -> one space; cut to ``max_words`` + " ..."."""
+def clean_input(text: str, max_words: int | None = None, stop_words: frozenset[str] | None = None) -> str:
+    """HTML line breaks (IMDB's ``<br />``) and whitespace runs -> one space; optional stop-word removal;
+    cut to ``max_words`` + " ..."."""
     text = clean_text(_HTML_BREAK.sub(" ", text))
+    if stop_words:
+        text = remove_stop_words(text, stop_words)
     if max_words is not None:
         words = text.split(" ")
         if len(words) > max_words:
@@ -75,6 +78,9 @@ class ClassificationOptions(TaskOptions):
     """Reward when the gold label occurs in the completion but another label word comes first."""
     max_words: int | None = Field(200, ge=1)
     """Inputs longer than this many words are cut (IMDB reviews run to 2,000 words); null keeps them whole."""
+    stop_words: str | None = None
+    """Remove stop words from the inputs: 'english' (scikit-learn's list) or a word-list file, one word a line;
+    null (default) keeps the text as written. Applied before max_words."""
 
 
 class ClassificationTask(Task):
@@ -90,6 +96,8 @@ class ClassificationTask(Task):
         words = list(names.values()) if isinstance(names, dict) else names
         if words is not None:
             _check_words(words)
+        sw = self.options.stop_words
+        self.stop_words = load_stop_words(sw) if sw else None  # a bad list fails here, before any model loads
 
     # ---- data ----------------------------------------------------------------------------------------------
     def load(self, path: str | None) -> list[Example]:
@@ -108,7 +116,7 @@ class ClassificationTask(Task):
                 known = ", ".join(mapping)
                 raise DataError(rec.source, rec.line, label_field,
                                 f"label {key!r} has no name in label_names (named: {known})")
-            text = "\n".join(clean_input(rec[f], self.options.max_words) for f in text_fields)
+            text = "\n".join(clean_input(rec[f], self.options.max_words, self.stop_words) for f in text_fields)
             word = mapping[key]
             examples.append(Example(prompt=self.format_prompt(text), reference=word,
                                     fields={"label": word, "labels_all": self.labels},

@@ -22,8 +22,10 @@ from ppolm.models.policy import (
 class ActorCritic(nn.Module):
     """policy + (value head | separate critic). forward -> (logprobs, values, entropy) for response tokens."""
 
-    def __init__(self, policy: PreTrainedModel, value_head: ValueHead | None, critic: SeparateCritic | None):
+    def __init__(self, policy: PreTrainedModel, value_head: ValueHead | None, critic: SeparateCritic | None,
+                 temperature: float = 1.0):
         super().__init__()
+        self.temperature = temperature  # the rollout's: log-probs are scored from logits / temperature
         self.policy = policy
         self.value_head = value_head
         self.critic = critic
@@ -40,6 +42,7 @@ class ActorCritic(nn.Module):
         out: TokenScores = score_tokens(
             self.policy, input_ids, attention_mask, response_ids,
             value_head=self.value_head, need_entropy=need_entropy, autocast_dtype=autocast_dtype,
+            temperature=self.temperature,
         )
         values = out.values
         if self.critic is not None:
@@ -61,7 +64,7 @@ def build_actor_critic(cfg: PPORunConfig, amp: torch.dtype | None) -> tuple[Acto
     kl_needed = cfg.kl.coef > 0 or cfg.kl.adaptive
     reference = None
     if not cfg.lora.enabled and kl_needed:
-        reference = frozen_copy(policy, amp)
+        reference = frozen_copy(policy)
     if cfg.lora.enabled:
         policy = apply_lora(policy, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     # Value-head init draws from the global RNG: seed it so every process and every resume builds the same head.
@@ -72,10 +75,11 @@ def build_actor_critic(cfg: PPORunConfig, amp: torch.dtype | None) -> tuple[Acto
             value_head = ValueHead(hidden_size(policy), cfg.critic.head_init)
         else:
             source = cfg.reward.model if cfg.critic.init == "reward" else cfg.model
-            backbone = load_model(source, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+            # the bare transformer: an LM/score head would get no gradient (DDP: unused parameters)
+            backbone = load_model(source, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed).base_model
             disable_dropout(backbone)
             critic = SeparateCritic(backbone, ValueHead(hidden_size(backbone), cfg.critic.head_init))
-    return ActorCritic(policy, value_head, critic), reference
+    return ActorCritic(policy, value_head, critic, temperature=cfg.rollout.temperature), reference
 
 
 def param_groups(model: ActorCritic, lr: float, critic_lr: float | None) -> list[dict]:
@@ -99,8 +103,11 @@ def reference_logprobs(
     amp: torch.dtype | None,
 ) -> torch.Tensor:
     """log pi_ref(response tokens), (B, R): the frozen copy, or the policy with its LoRA adapters off."""
+    t = actor.temperature  # the reference is scored at the sampling temperature too, so KL compares like with like
     if reference is not None:
-        return score_tokens(reference, input_ids, attention_mask, response_ids, autocast_dtype=amp).logprobs
+        return score_tokens(reference, input_ids, attention_mask, response_ids, autocast_dtype=amp,
+                            temperature=t).logprobs
     ctx = actor.policy.disable_adapter() if actor.is_lora() else contextlib.nullcontext()
     with ctx:
-        return score_tokens(actor.policy, input_ids, attention_mask, response_ids, autocast_dtype=amp).logprobs
+        return score_tokens(actor.policy, input_ids, attention_mask, response_ids, autocast_dtype=amp,
+                            temperature=t).logprobs

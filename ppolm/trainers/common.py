@@ -31,10 +31,11 @@ from ppolm.logger import MetricsLogger
 from ppolm.models.policy import apply_lora, disable_dropout
 from ppolm.runtime import Runtime
 from ppolm.state_io import (
-    load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json, save_optimizer_state,
-    save_rng_state, save_scheduler_state,
+    atomic_directory, load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json,
+    save_optimizer_state, save_rng_state, save_scheduler_state,
 )
 from ppolm.trainers.resume import check_same_run, config_fingerprint
+from ppolm.trainers.run_dir import StopSignals
 from ppolm.update import Optimization
 
 if TYPE_CHECKING:
@@ -172,10 +173,11 @@ def export_model(
     out = Path(out)
     if is_lora(model):
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    for name, obj in (extra or {}).items():
-        save_json(out / name, obj)
+    with atomic_directory(out) as tmp:  # a crash mid-export never leaves a half-written final/
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            save_json(tmp / name, obj)
     return out
 
 
@@ -204,6 +206,7 @@ def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...], watch: Watc
                            tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, desc=desc)
     last: dict[str, float] = {}
     trip, done = None, t.start_step
+    stop = StopSignals().install()
     try:
         for step in range(t.start_step, t.total_steps):
             metrics = t.step(step)
@@ -219,6 +222,9 @@ def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...], watch: Watc
                 logger.log(done, metrics, headline)
             if trip is not None:
                 break
+            if stop.requested(t.runtime) and done < t.total_steps:
+                t.checkpointer.save(done)
+                raise stop.stopped(done)
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < t.total_steps:
                 t.checkpointer.save(done)
         if t.start_step < t.total_steps:
@@ -229,6 +235,7 @@ def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...], watch: Watc
         if trip is not None:
             watch.rollback(trip)
     finally:
+        stop.restore()
         logger.close()
     return last
 

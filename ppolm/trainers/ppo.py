@@ -33,6 +33,7 @@ from ppolm.tasks import Example, Task, build_task
 from ppolm.trainers.actor_critic import build_actor_critic, param_groups, reference_logprobs
 from ppolm.trainers.common import split_held_out
 from ppolm.trainers.ppo_state import PPOCheckpointer
+from ppolm.trainers.run_dir import StopSignals, prepare_output_dir
 from ppolm.trainers.prompts import build_prompts, step_rows
 from ppolm.trainers.watch import Watch
 from ppolm.types import Experience, Rollout
@@ -61,6 +62,8 @@ class PPOTrainer:
         self.task = task or build_task(cfg.task.name, cfg.task.options)
         extra_fns = [resolve_reward_function(f.name, f.kwargs) for f in cfg.reward.functions]
         self.runtime = runtime or Runtime()
+        prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir,
+                           is_main=self.runtime.is_main)
         self.amp = autocast_dtype(cfg.precision, self.runtime.device)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         examples = self.task.load_all(cfg.task.data)
@@ -134,16 +137,13 @@ class PPOTrainer:
         ids, mask = left_pad_collate([self.prompts.token_ids[i] for i in idx], self.tokenizer.pad_token_id)
         r = self.cfg.rollout
         uniforms = row_uniforms(self.cfg.seed, step, [pos for pos, _ in rows], r.max_new_tokens)
-        policy = self.actor.policy
-        was_training = policy.training
-        policy.eval()
+        self.actor.eval()  # rollout and scoring run in eval mode; update() switches to train mode
         out = generate(
-            policy, self.tokenizer, ids.to(self.runtime.device), mask.to(self.runtime.device), uniforms,
+            self.actor.policy, self.tokenizer, ids.to(self.runtime.device), mask.to(self.runtime.device), uniforms,
             max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
             top_k=r.top_k, top_p=r.top_p,
             stop=r.stop, autocast_dtype=self.amp, prompts=[self.prompts.texts[i] for i in idx],
         )
-        policy.train(was_training)
         return out, [self.prompts.examples[i] for i in idx], idx
 
     def score(self, rollout: Rollout, examples) -> tuple[torch.Tensor, dict[str, float]]:
@@ -179,7 +179,6 @@ class PPOTrainer:
         else:
             self.actor.eval()
             old_logprobs, old_values, entropy = self.actor(ids, attn, resp, need_entropy=True, autocast_dtype=self.amp)
-            self.actor.train()
         if self.reference is None and not self.actor.is_lora():
             ref_logprobs = old_logprobs  # KL penalty off for the whole run: the reference forward is skipped
         else:
@@ -222,9 +221,11 @@ class PPOTrainer:
         policy_out: the fused first forward (with grad) over the whole batch, used by the first optimizer step.
         """
         p, world = self.cfg.ppo, self.runtime.world_size
+        self.actor.train()
         sums: dict[str, float] = {}
         n_tokens_total = 0.0
         stopped_early = 0.0
+        steps_taken = 0  # optimizer steps actually applied (early stop and skipped non-finite steps excluded)
         for epoch in range(p.epochs):
             gen = torch.Generator().manual_seed((self.cfg.seed * 1009 + step) * 101 + epoch)
             order = torch.randperm(len(exp), generator=gen)
@@ -262,7 +263,9 @@ class PPOTrainer:
                 result = self.optim.step(micro, loss_fn, where=f"step {step + 1}")
                 for k, v in result.metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
-                sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + (0.0 if result.skipped else result.grad_norm)
+                if not result.skipped:
+                    sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + result.grad_norm
+                    steps_taken += 1
                 n_tokens_total += float(mb.response_mask.sum())
                 epoch_kl.append(result.metrics.get("policy/approx_kl", 0.0) / max(float(mb.response_mask.sum()), 1.0))
             if p.target_kl is not None:
@@ -270,15 +273,15 @@ class PPOTrainer:
                 if mean_kl > p.target_kl:
                     stopped_early = 1.0
                     break
-        n_steps = max(1, p.epochs * (len(exp) // p.minibatch_size))
         out = {}
         for k, v in sums.items():
             if k.startswith("loss/"):
                 out[k] = float(self.runtime.sum(v)) / world / max(float(self.runtime.sum(n_tokens_total)) / world, 1.0)
             elif k == "optim/grad_norm":
-                out[k] = v / n_steps
+                out[k] = v / steps_taken
             else:
                 out[k] = float(self.runtime.sum(v)) / max(float(self.runtime.sum(n_tokens_total)), 1.0)
+        out.setdefault("optim/grad_norm", float("nan"))  # every step skipped: no norm to report
         out["optim/lr"] = self.optim.scheduler.get_last_lr()[0]
         out["optim/nonfinite_skipped_total"] = float(self.optim.nonfinite_total)
         out["policy/early_stopped"] = stopped_early
@@ -294,6 +297,9 @@ class PPOTrainer:
         t2 = time.perf_counter()
         policy_out = None
         if self.fused_first_forward():
+            # The update's forward: train mode (gradient checkpointing is active only there), whatever mode
+            # from_pretrained or the rollout left the model in.
+            self.actor.train()
             policy_out = self.model(rollout.input_ids, rollout.attention_mask, rollout.response_ids,
                                     need_entropy=True, autocast_dtype=self.amp)
         exp, exp_metrics = self.experience(rollout, scores, policy_out)
@@ -320,6 +326,7 @@ class PPOTrainer:
                                initial=self.start_step, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
         last: dict[str, float] = {}
         trip, done = None, self.start_step
+        stop = StopSignals().install()
         try:
             for step in range(self.start_step, cfg.max_steps):
                 out = self.step(step)
@@ -332,6 +339,9 @@ class PPOTrainer:
                     logger.samples(done, out.samples)
                 if trip is not None:
                     break
+                if stop.requested(self.runtime) and done < cfg.max_steps:
+                    self.state.save(done)
+                    raise stop.stopped(done)
                 if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.max_steps:
                     self.state.save(done)
             self.state.save(done)
@@ -339,6 +349,7 @@ class PPOTrainer:
             if trip is not None:
                 self.watch.rollback(trip)
         finally:
+            stop.restore()
             logger.close()
         return last
 

@@ -11,7 +11,7 @@ checkpoint-N/ (written crash-safely by CheckpointManager):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,10 +25,40 @@ from ppolm.state_io import (
     save_rng_state, save_scheduler_state,
 )
 
-if TYPE_CHECKING:
-    from ppolm.trainers.ppo import PPOTrainer
 
-def _critic_state(trainer: "PPOTrainer") -> dict[str, torch.Tensor]:
+
+class PPOParts(Protocol):
+    """What a checkpoint reads from a PPO trainer (a Protocol, so this module never imports the trainer)."""
+
+    cfg: Any
+    actor: Any
+    optim: Any
+    kl_ctl: Any
+    scorer: Any
+    runtime: Any
+    prompts: Any
+    tokenizer: Any
+    task: Any
+    global_batch: int
+
+
+def load_policy_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The weights save_pretrained wrote: model.safetensors, or the shards listed in its index (large models
+    are saved as model-0000i-of-0000n.safetensors + model.safetensors.index.json)."""
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return load_file(str(single))
+    index = directory / "model.safetensors.index.json"
+    if not index.is_file():
+        raise CheckpointError(f"{directory}: no model.safetensors nor model.safetensors.index.json")
+    shards = sorted(set(load_json(index)["weight_map"].values()))
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(str(directory / shard)))
+    return state
+
+
+def _critic_state(trainer: PPOParts) -> dict[str, torch.Tensor]:
     actor = trainer.actor
     module = actor.value_head if actor.value_head is not None else actor.critic
     return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
@@ -37,7 +67,7 @@ def _critic_state(trainer: "PPOTrainer") -> dict[str, torch.Tensor]:
 class PPOCheckpointer:
     """Save / resume / export for one PPOTrainer."""
 
-    def __init__(self, trainer: "PPOTrainer"):
+    def __init__(self, trainer: PPOParts):
         self.t = trainer
         self.manager = CheckpointManager(trainer.cfg.output_dir, keep=trainer.cfg.checkpoint.keep)
 
@@ -102,7 +132,7 @@ class PPOCheckpointer:
 
             set_peft_model_state_dict(policy, load_file(str(directory / "adapter_model.safetensors")))
             return
-        state = load_file(str(directory / "model.safetensors"))
+        state = load_policy_weights(directory)
         missing, unexpected = policy.load_state_dict(state, strict=False)
         tied = set(getattr(policy, "_tied_weights_keys", None) or [])
         missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]

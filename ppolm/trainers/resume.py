@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from ppolm.errors import CheckpointError
 
 # Keys that may change between a run and its resume without changing what is computed.
-VOLATILE_KEYS = {"resume", "max_steps", "output_dir", "allow_changed_resume", "log", "checkpoint",
+VOLATILE_KEYS = {"resume", "overwrite_output_dir", "max_steps", "output_dir", "allow_changed_resume", "log", "checkpoint",
                  "eval_every", "eval_batch_size"}
 
 
@@ -33,7 +33,12 @@ def config_fingerprint(config: BaseModel) -> dict:
             else:
                 flat[f"{prefix}{k}"] = v
 
-    walk("", config.model_dump(mode="json"))
+    dump = config.model_dump(mode="json")
+    walk("", dump)
+    # max_steps may change on resume (extend or shorten a run) only where it does not change the computation:
+    # a decaying LR schedule is stretched over max_steps, so there it is part of the fingerprint (refused).
+    if flat.get("optim.schedule", "constant") != "constant":
+        flat["max_steps"] = dump.get("max_steps")
     return flat
 
 

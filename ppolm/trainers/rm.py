@@ -40,6 +40,7 @@ from ppolm.trainers.common import (
     RunCheckpointer, export_model, make_optimization, prepare_model, split_held_out, total_steps, train_loop,
 )
 from ppolm.trainers.resume import data_fingerprint
+from ppolm.trainers.run_dir import prepare_output_dir
 from ppolm.trainers.prompts import step_rows
 
 
@@ -157,6 +158,9 @@ class RMTrainer:
         self.amp = autocast_dtype(cfg.precision, self.runtime.device)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         train_pairs, self.eval_pairs = self._load_data()
+        # after the data (its errors are more specific), before any model loads
+        prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir,
+                           is_main=self.runtime.is_main)
         self.train_pairs = train_pairs
         self.global_batch = cfg.batch_size * self.runtime.world_size
         self.total_steps = total_steps(cfg.max_steps, cfg.epochs, len(train_pairs), self.global_batch)

@@ -41,6 +41,7 @@ from ppolm.trainers.common import (
     RunCheckpointer, export_model, make_optimization, prepare_model, split_held_out, total_steps, train_loop,
 )
 from ppolm.trainers.resume import data_fingerprint
+from ppolm.trainers.run_dir import prepare_output_dir
 from ppolm.trainers.prompts import step_rows
 from ppolm.trainers.watch import Watch
 
@@ -245,6 +246,9 @@ class SFTTrainer:
         if self.tokenizer.eos_token_id is None:
             raise ModelLoadError(f"model '{cfg.model}': the tokenizer has no EOS token to end completions with")
         self.train_rows, self.eval_rows, held = self._load_data()
+        # after the data (its errors are more specific), before any model loads
+        prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir,
+                           is_main=self.runtime.is_main)
         self.global_batch = cfg.batch_size * self.runtime.world_size
         self.total_steps = total_steps(cfg.max_steps, cfg.epochs, len(self.train_rows), self.global_batch)
         lm = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
