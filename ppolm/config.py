@@ -255,7 +255,8 @@ class PPORunConfig(CommonConfig):
         k = self.rollout.samples_per_prompt
         rows = self.rollout.batch_size * k
         if rows % self.ppo.minibatch_size:
-            of = f"rollout.batch_size x rollout.samples_per_prompt ({rows})" if k > 1 else f"rollout.batch_size ({rows})"
+            of = f"rollout.batch_size x rollout.samples_per_prompt ({rows})" if k > 1 else ""
+            of = of or f"rollout.batch_size ({rows})"
             raise ValueError(f"ppo.minibatch_size ({self.ppo.minibatch_size}) must divide {of}")
         if self.ppo.minibatch_size % k:
             raise ValueError(f"ppo.minibatch_size ({self.ppo.minibatch_size}) must be a multiple of "

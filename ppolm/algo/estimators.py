@@ -5,13 +5,13 @@ responses to the same prompt, each group's rows contiguous: rows [g*k, (g+1)*k) 
 `x.view(-1, k)` puts one group per row. Outcome estimators (grpo, rloo, dr_grpo) turn each response's total
 reward (N,) into one advantage per sequence that is broadcast over its response tokens (padding gets 0).
 
-| name         | baseline                        | scale              | critic | source                                   |
-| ------------ | ------------------------------- | ------------------ | ------ | ---------------------------------------- |
-| gae          | V(s_t) from the critic          | global whitening   | yes    | Schulman et al. 2016                     |
-| grpo         | group mean                      | / group std        | no     | Shao et al. 2024 (DeepSeekMath)          |
-| rloo         | mean of the other k-1 samples   | none               | no     | Ahmadian et al. 2024 (Back to Basics)    |
-| reinforce_pp | none (token returns)            | global whitening   | no     | Hu 2025 (REINFORCE++)                    |
-| dr_grpo      | group mean                      | none; loss / const | no     | Liu et al. 2025 (Understanding R1-Zero)  |
+| name         | baseline                      | scale              | critic | source                        |
+| ------------ | ----------------------------- | ------------------ | ------ | ----------------------------- |
+| gae          | V(s_t) from the critic        | global whitening   | yes    | Schulman et al. 2016          |
+| grpo         | group mean                    | / group std        | no     | Shao et al. 2024 DeepSeekMath |
+| rloo         | mean of the other k-1 samples | none               | no     | Ahmadian et al. 2024          |
+| reinforce_pp | none (token returns)          | global whitening   | no     | Hu 2025 REINFORCE++           |
+| dr_grpo      | group mean                    | none; loss / const | no     | Liu et al. 2025 Dr. GRPO      |
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Algorithm: Ouyang et al. 2022 (InstructGPT) / Ziegler et al. 2019, with the deta
 Details of RLHF with PPO" (docs/implementation-details.md lists each with the function that does it).
 The advantage estimator is chosen by `algo.estimator` (ppolm/algo/estimators.py): GAE with a critic, or
 critic-free GRPO / RLOO / REINFORCE++ / Dr. GRPO over groups of `rollout.samples_per_prompt` responses, through
-the same loop and the same clipped update. Deliberately left out: PPO-ptx pretraining mix, reward-model training inside the loop (see `ppolm rm`).
+the same loop and the same clipped update.
+Deliberately left out: PPO-ptx pretraining mix, reward-model training inside the loop (see `ppolm rm`).
 Launch: `ppolm ppo --config configs/tiny.yaml`, or `torchrun --nproc_per_node 2 -m ppolm.cli ppo ...`.
 """
 
@@ -185,8 +186,8 @@ class PPOTrainer:
         p, est = self.cfg.ppo, self.estimator
         reward_kl_coef = self.kl_ctl.value if self.cfg.kl.in_ == "reward" else 0.0
         rewards, kl = shaped_rewards(scores, old_logprobs, ref_logprobs, mask, reward_kl_coef, self.cfg.kl.estimator)
-        advantages, returns = estimate(est.name, rewards, old_values, mask, group_size=self.cfg.rollout.samples_per_prompt,
-                                       gamma=p.gamma, lam=p.lam)
+        advantages, returns = estimate(est.name, rewards, old_values, mask,
+                                       group_size=self.cfg.rollout.samples_per_prompt, gamma=p.gamma, lam=p.lam)
         if est.whiten == "always" or (est.whiten == "config" and p.whiten_advantages):
             advantages = self._global_whiten(advantages, mask)
         if old_values is None:  # critic-free: the record keeps its shape, the value loss is never computed
