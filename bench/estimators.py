@@ -5,8 +5,10 @@
 Every variant trains on 8 rows a step with responses of exactly 24 tokens (EOS suppressed), the toy rule
 reward, KL penalty in the reward, one epoch of one minibatch: GAE-PPO with a value head, GAE-PPO with a separate
 critic (the usual PPO setup of OpenRLHF/verl), and the critic-free estimators (group ones as 2 prompts x 4
-samples, reinforce_pp as 8 prompts x 1). Each variant runs in its own process so that its peak resident memory
-is its own; medians over --steps measured steps after one warm-up step.
+samples, reinforce_pp as 8 prompts x 1). Wall s/step by phase, and CPU s/step of the process (the robust number
+on a shared machine); "vs gae" divides by GAE-PPO with a value head. Each variant
+runs in its own process so that its peak resident memory is its own; medians over --steps measured steps after
+one warm-up step.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +55,15 @@ def child(model: str, name: str, steps: int) -> None:
             f"max_steps={steps + 1}", *overrides,
         ])
         trainer = PPOTrainer(cfg)
-        rows = [trainer.step(s).metrics for s in range(steps + 1)][1:]
-    out = {phase: statistics.median(m[key] for m in rows) for phase, key in PHASES.items()}
+        rows, cpu = [], []
+        for s in range(steps + 1):
+            c0 = time.process_time()
+            rows.append(trainer.step(s).metrics)
+            cpu.append(time.process_time() - c0)
+    out = {phase: statistics.median(m[key] for m in rows[1:]) for phase, key in PHASES.items()}
+    # CPU seconds of this process: on a shared machine (one thread each) wall time swings with the neighbours'
+    # load, CPU time measures the work
+    out["cpu"] = statistics.median(cpu[1:])
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["trainable_m"] = sum(p.numel() for g in trainer.optim.optimizer.param_groups for p in g["params"]) / 1e6
     print("RESULT " + json.dumps(out))
@@ -72,22 +82,23 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     print(f"== {args.model}: {ROWS} rows x {R} response tokens, medians of {args.steps} steps (s/step), "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    print(f"{'estimator':24s} {'rollout':>8s} {'score':>7s} {'exper.':>7s} {'update':>7s} {'total':>7s} "
-          f"{'vs gae':>7s} {'peak MB':>8s} {'train M':>8s}")
-    base = None
+    results = {}
     for name in args.variants.split(","):
         proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--steps", str(args.steps),
                                "--child", name], env=env, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
-            print(f"{name:24s} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            print(f"{name}: failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
             continue
-        r = json.loads(line[len("RESULT "):])
-        base = base if base is not None else r["total"]
+        results[name] = json.loads(line[len("RESULT "):])
+        print(f"{name}: {results[name]['total']:.3f} s/step", flush=True)
+    base = results.get("gae (value head)", next(iter(results.values()), {}))
+    print(f"{'estimator':24s} {'rollout':>8s} {'score':>7s} {'exper.':>7s} {'update':>7s} {'total':>7s} "
+          f"{'vs gae':>7s} {'cpu s':>7s} {'vs gae':>7s} {'peak MB':>8s} {'train M':>8s}")
+    for name, r in results.items():
         print(f"{name:24s} {r['rollout']:8.3f} {r['score']:7.3f} {r['experience']:7.3f} {r['update']:7.3f} "
-              f"{r['total']:7.3f} {r['total'] / base:7.2f} {r['peak_rss_mb']:8.0f} {r['trainable_m']:8.1f}",
-              flush=True)
-
+              f"{r['total']:7.3f} {r['total'] / base['total']:7.2f} {r['cpu']:7.3f} {r['cpu'] / base['cpu']:7.2f} "
+              f"{r['peak_rss_mb']:8.0f} {r['trainable_m']:8.1f}")
 
 if __name__ == "__main__":
     main()
