@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ppolm.algo.estimators import get_estimator
 from ppolm.config import PPORunConfig
 from ppolm.models import load_model
 from ppolm.models.policy import (
@@ -56,11 +57,10 @@ class ActorCritic(nn.Module):
         return self.value_head if self.value_head is not None else self.critic
 
 
-def build_actor_critic(cfg: PPORunConfig, amp: torch.dtype | None,
-                       needs_critic: bool = True) -> tuple[ActorCritic, PreTrainedModel | None]:
+def build_actor_critic(cfg: PPORunConfig, amp: torch.dtype | None) -> tuple[ActorCritic, PreTrainedModel | None]:
     """(actor_critic, reference). The reference is None with LoRA (adapters disabled instead) and when the
-    KL penalty is off for the whole run (kl.coef = 0, not adaptive); no value model without `needs_critic`:
-    no weights and no forward the maths does not need."""
+    KL penalty is off for the whole run (kl.coef = 0, not adaptive); no value model when `algo.estimator` is
+    critic-free: no weights and no forward the maths does not need."""
     policy = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
     disable_dropout(policy)
     if cfg.gradient_checkpointing:
@@ -76,7 +76,7 @@ def build_actor_critic(cfg: PPORunConfig, amp: torch.dtype | None,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 17)
         critic, value_head = None, None
-        if not needs_critic:
+        if not get_estimator(cfg.algo.estimator).needs_critic:
             pass
         elif cfg.critic.kind == "head":
             value_head = ValueHead(hidden_size(policy))

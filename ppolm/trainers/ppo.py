@@ -76,7 +76,7 @@ class PPOTrainer:
             raise DataError(cfg.task.data or cfg.task.name, None, None,
                             f"no prompt fits rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}")
         self.estimator = get_estimator(cfg.algo.estimator)
-        self.actor, self.reference = build_actor_critic(cfg, self.amp, needs_critic=self.estimator.needs_critic)
+        self.actor, self.reference = build_actor_critic(cfg, self.amp)
         self.actor.to(self.runtime.device)
         if self.reference is not None:
             self.reference.to(self.runtime.device)
