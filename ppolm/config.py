@@ -79,15 +79,16 @@ class PPOConfig(Section):
     value_clip_eps: float | None = Field(0.2, gt=0.0)
     """Value clip range around the old values (null disables value clipping)."""
     vf_coef: float = Field(0.1, ge=0.0)
-    """Weight of the value loss in the total loss."""
+    """Weight of the value loss in the total loss (only with a critic, algo.estimator: gae)."""
     ent_coef: float = Field(0.0, ge=0.0)
     """Weight of the entropy bonus (0 = off)."""
     gamma: float = Field(1.0, ge=0.0, le=1.0)
-    """Discount factor of GAE."""
+    """Discount factor of GAE and of REINFORCE++'s token returns."""
     lam: float = Field(0.95, ge=0.0, le=1.0)
     """GAE lambda."""
     whiten_advantages: bool = True
-    """Normalize advantages over the batch's response tokens."""
+    """Normalize GAE advantages over the batch's response tokens (reinforce_pp always does; grpo, rloo and
+    dr_grpo never do: their group baseline is the normalisation)."""
     log_ratio_clamp: float = Field(20.0, gt=0.0)
     """Clamp |log pi/pi_old| before exp() so a single token cannot overflow the loss."""
     target_kl: float | None = Field(None, gt=0.0)

@@ -100,3 +100,15 @@ def test_kl_loss_hand_computed_and_gradient():
     # d/d lp of (exp(ref - lp) - 1 - (ref - lp)) = -r + 1 = 0.5; padding gets no gradient
     assert torch.allclose(lp.grad, T([[0.5, 0.0]]), atol=1e-6)
     assert kl_loss(lp, ref, mask, "k3", num_tokens=4.0).item() == pytest.approx(k3 / 4, abs=1e-6)
+
+
+def test_describe_lists_the_estimators_and_kl_in():
+    from ppolm.config import PPORunConfig, describe, load_config
+
+    rows = {key: (default, doc) for key, default, doc in describe(PPORunConfig)}
+    assert rows["algo.estimator"][0] == "'gae'"
+    assert all(name in rows["algo.estimator"][1] for name in ESTIMATORS)
+    assert rows["kl.in"][0] == "'reward'" and "kl.in_" not in rows
+    assert rows["rollout.samples_per_prompt"][0] == "1"
+    cfg = load_config(PPORunConfig, None, ["kl.in=loss", "algo.estimator=rloo"])
+    assert cfg.kl.in_ == "loss" and cfg.model_dump(mode="json")["kl"]["in"] == "loss"

@@ -183,20 +183,24 @@ def test_cli_ppo_runs_and_rejects_bad_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process(tmp_path):
-    """Global batch 16: 2 processes x 8 rows vs 1 x 16, one minibatch per epoch (gloo on CPU).
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_two_processes_equal_one_process(tmp_path, estimator):
+    """Global batch 16: 2 processes x 8 rows vs 1 x 16, one minibatch per epoch (gloo on CPU). With grpo the
+    rows are 4 prompts x 4 samples: each process holds whole groups (2 prompts), as one process does.
 
     Tolerance: summation order differs across processes, so weights agree to 1e-3 after 4 steps, not bitwise.
     """
     script = ROOT / "tests/scripts/ppo_tiny_run.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    common = ["max_steps=4", "ppo.epochs=2"]
+    common = ["max_steps=4", "ppo.epochs=2", f"algo.estimator={estimator}"]
+    k = 4 if estimator == "grpo" else 1
+    common += [f"rollout.samples_per_prompt={k}"]
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561", str(script),
-         f"output_dir={tmp_path / 'two'}", "rollout.batch_size=8", "ppo.minibatch_size=8", "ppo.grad_accum_steps=2",
-         *common], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+         f"output_dir={tmp_path / 'two'}", f"rollout.batch_size={8 // k}", "ppo.minibatch_size=8",
+         "ppo.grad_accum_steps=2", *common], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, str(script), f"output_dir={tmp_path / 'one'}", "rollout.batch_size=16",
+    one = subprocess.run([sys.executable, str(script), f"output_dir={tmp_path / 'one'}", f"rollout.batch_size={16 // k}",
                           "ppo.minibatch_size=16", *common], cwd=ROOT, env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
     a = load_file(tmp_path / "two/final/model.safetensors")
