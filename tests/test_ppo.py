@@ -106,6 +106,15 @@ def test_each_estimator_runs_and_critic_free_ones_build_no_critic(tmp_path, esti
     assert all(f"`{name}`" in documented for name in set(rows[-1]) - {"step"})
 
 
+@pytest.mark.parametrize("overrides", [("algo.estimator=grpo", *GROUPS), ("algo.estimator=reinforce_pp",)],
+                         ids=["grpo", "reinforce_pp"])
+def test_critic_free_estimators_learn_the_tiny_task(tmp_path, overrides):
+    PPOTrainer(_cfg(tmp_path, *overrides, "checkpoint.every=0")).train()
+    rewards = [m["reward/mean"] for m in _metrics(tmp_path)]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.1, (first, last)
+
+
 def test_kl_in_loss_adds_the_kl_term_and_no_kl_reward(tmp_path):
     t = PPOTrainer(_cfg(tmp_path, "max_steps=2", "kl.in=loss", "kl.estimator=k3", "kl.coef=0.5",
                         "algo.estimator=grpo", *GROUPS))
