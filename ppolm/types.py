@@ -1,7 +1,8 @@
 """Typed batch records that flow between the phases of a PPO step.
 
 Shapes: B batch (rows on this process; the k = rollout.samples_per_prompt rows of a prompt are contiguous),
-P prompt length (left-padded), R response length (right-padded), T = P + R. Masks are float tensors, 1.0 on real tokens.
+P prompt length (left-padded), R response length (right-padded), T = P + R. Masks are float tensors, 1.0 on
+real tokens.
 """
 
 from __future__ import annotations
