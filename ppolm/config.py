@@ -43,13 +43,22 @@ class RolloutConfig(Section):
     """Stop strings: a response ends after the first one it contains (EOS always stops)."""
     use_chat_template: bool = True
     """Wrap prompts in the tokenizer's chat template when it has one."""
+    samples_per_prompt: int = Field(1, ge=1, le=256)
+    """k responses drawn per prompt in one batched generate (a group, rows kept together); a step has
+    batch_size x k rows. Group estimators (algo.estimator grpo, rloo, dr_grpo) need k >= 2 to have a baseline."""
 
 
 class KLConfig(Section):
+    # "in" is a Python keyword: the field is `in_`, read and written as `kl.in` (alias).
+    model_config = ConfigDict(serialize_by_alias=True)
+
     coef: float = Field(0.05, ge=0.0)
     """Initial coefficient of the per-token KL penalty against the reference model."""
     estimator: Literal["k1", "k2", "k3"] = "k1"
-    """KL estimator used in the reward penalty: k1 = log(pi/ref), k3 = (r-1) - log r."""
+    """KL estimator of the penalty (reward or loss): k1 = log(pi/ref), k3 = (r-1) - log r."""
+    in_: Literal["reward", "loss"] = Field("reward", alias="in")
+    """Where the KL penalty goes: 'reward' (per-token reward shaping, InstructGPT) or 'loss' (kl_coef x KL
+    added to the policy loss, as GRPO does)."""
     adaptive: bool = False
     """Adapt kl_coef towards `target` (Ziegler et al. 2019); otherwise it stays fixed."""
     target: float = Field(6.0, gt=0.0)
@@ -70,15 +79,16 @@ class PPOConfig(Section):
     value_clip_eps: float | None = Field(0.2, gt=0.0)
     """Value clip range around the old values (null disables value clipping)."""
     vf_coef: float = Field(0.1, ge=0.0)
-    """Weight of the value loss in the total loss."""
+    """Weight of the value loss in the total loss (only with a critic, algo.estimator: gae)."""
     ent_coef: float = Field(0.0, ge=0.0)
     """Weight of the entropy bonus (0 = off)."""
     gamma: float = Field(1.0, ge=0.0, le=1.0)
-    """Discount factor of GAE."""
+    """Discount factor of GAE and of REINFORCE++'s token returns."""
     lam: float = Field(0.95, ge=0.0, le=1.0)
     """GAE lambda."""
     whiten_advantages: bool = True
-    """Normalize advantages over the batch's response tokens."""
+    """Normalize GAE advantages over the batch's response tokens (reinforce_pp always does; grpo, rloo and
+    dr_grpo never do: their group baseline is the normalisation)."""
     log_ratio_clamp: float = Field(20.0, gt=0.0)
     """Clamp |log pi/pi_old| before exp() so a single token cannot overflow the loss."""
     target_kl: float | None = Field(None, gt=0.0)
@@ -112,6 +122,10 @@ class GuardConfig(Section):
     """Stop when the sampled KL to the reference (objective/kl, nats per sequence) passes this (PPO; null = off)."""
     rollback: bool = True
     """On a stop, final/ becomes the best checkpoint's model (needs eval.keep_best); otherwise the last one."""
+class AlgoConfig(Section):
+    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp", "dr_grpo"] = "gae"
+    """Advantage estimator: 'gae' (PPO with a critic) or critic-free 'grpo', 'rloo', 'reinforce_pp',
+    'dr_grpo' (no value model built or trained; see docs/implementation-details.md)."""
 
 
 class RewardFunctionConfig(Section):
@@ -252,6 +266,8 @@ class PPORunConfig(CommonConfig):
     """Reward functions and reward model (empty = the task's default reward)."""
     kl: KLConfig = Field(default_factory=KLConfig)
     """KL penalty against the reference model."""
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    """The RL algorithm: advantage estimator."""
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     """PPO update hyper-parameters."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -271,11 +287,15 @@ class PPORunConfig(CommonConfig):
 
     @model_validator(mode="after")
     def _check_batches(self) -> "PPORunConfig":
-        if self.rollout.batch_size % self.ppo.minibatch_size:
-            raise ValueError(
-                f"ppo.minibatch_size ({self.ppo.minibatch_size}) must divide rollout.batch_size "
-                f"({self.rollout.batch_size})"
-            )
+        k = self.rollout.samples_per_prompt
+        rows = self.rollout.batch_size * k
+        if rows % self.ppo.minibatch_size:
+            of = f"rollout.batch_size x rollout.samples_per_prompt ({rows})" if k > 1 else ""
+            of = of or f"rollout.batch_size ({rows})"
+            raise ValueError(f"ppo.minibatch_size ({self.ppo.minibatch_size}) must divide {of}")
+        if self.ppo.minibatch_size % k:
+            raise ValueError(f"ppo.minibatch_size ({self.ppo.minibatch_size}) must be a multiple of "
+                             f"rollout.samples_per_prompt ({k}): a minibatch holds whole groups")
         if self.ppo.minibatch_size % self.ppo.grad_accum_steps:
             raise ValueError(
                 f"ppo.grad_accum_steps ({self.ppo.grad_accum_steps}) must divide ppo.minibatch_size "
@@ -284,6 +304,9 @@ class PPORunConfig(CommonConfig):
         if self.critic.init == "reward" and not self.reward.model:
             raise ValueError("critic.init: 'reward' needs reward.model to be set (or use critic.init: 'policy')")
         check_guard(self.eval, self.guard)
+        if self.critic.kind == "separate" and self.algo.estimator != "gae":
+            raise ValueError(f"critic.kind: 'separate' needs a critic; algo.estimator '{self.algo.estimator}' "
+                             "trains none (use algo.estimator: gae)")
         if self.critic.init == "reward" and self.critic.kind != "separate":
             raise ValueError("critic.init: 'reward' needs critic.kind: 'separate' (a value head shares the policy)")
         return check_ppo_sampling(self)
@@ -358,12 +381,12 @@ def _allowed_keys(cls: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        field = cls.model_fields.get(str(part))
+        field = next((f for n, f in cls.model_fields.items() if str(part) in (n, f.alias)), None)
         section = _section_class(getattr(field, "annotation", None))
         if section is None:
             return []
         cls = section
-    return list(cls.model_fields)
+    return [f.alias or name for name, f in cls.model_fields.items()]
 
 
 def format_validation_error(cls: type[BaseModel], exc: ValidationError, source: str) -> str:
@@ -450,7 +473,7 @@ def describe(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str
     """(key, default, doc) rows for every field, recursively: the source of `ppolm ppo --describe`."""
     rows = []
     for name, field in cls.model_fields.items():
-        key = f"{prefix}{name}"
+        key = f"{prefix}{field.alias or name}"
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.append((key, "", field.description or ""))

@@ -55,14 +55,17 @@ def generate(
     eos_token_ids: list[int] | None = None,  # default: eos_token_ids_of(model, tokenizer)
     autocast_dtype: torch.dtype | None = None,
     prompts: list[str] | None = None,
+    samples_per_prompt: int = 1,
 ) -> Rollout:
-    """Sample up to max_new_tokens per row. prompt_ids/prompt_mask (B, P) left-padded; uniforms (B, R_max).
+    """Sample up to max_new_tokens per row. prompt_ids/prompt_mask (B, P) left-padded; uniforms (N, R_max) with
+    N = B x samples_per_prompt rows, the k samples of prompt b in rows [b*k, (b+1)*k); prompts: N strings.
 
     A row ends at its first EOS token (kept, masked in) or when its decoded text contains a stop string
     (the response keeps the token that completed it; the completion text is cut before the stop string).
     """
     device = prompt_ids.device
-    B = prompt_ids.shape[0]
+    k = samples_per_prompt
+    B = prompt_ids.shape[0] * k
     eos = torch.tensor(eos_token_ids or eos_token_ids_of(model, tokenizer), device=device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos[0])
     attention = prompt_mask.long()
@@ -85,6 +88,12 @@ def generate(
             )
             cache = out.cache
             logits = out.logits[:, -1]
+            if t == 0 and k > 1:
+                # The prompt was prefilled once; its KV cache and first-token logits are shared by its k samples.
+                cache.batch_repeat_interleave(k)
+                logits = logits.repeat_interleave(k, dim=0)
+                attention = attention.repeat_interleave(k, dim=0)
+                positions = positions.repeat_interleave(k, dim=0)
             if t < min_new_tokens:
                 logits = logits.float().index_fill(-1, eos, float("-inf"))
             next_tokens = sample_tokens(logits, uniforms[:, t].to(device), temperature, top_k, top_p)
@@ -111,6 +120,8 @@ def generate(
         n = int(mask_out[b].sum())
         text = tokenizer.decode(tokens_out[b, :n], skip_special_tokens=True)
         completions.append(truncate_at_stop(text, stop)[0] if stop else text)
+    if k > 1:
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, dim=0), prompt_mask.repeat_interleave(k, dim=0)
     return Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask.float(), response_ids=tokens_out, response_mask=mask_out,
         ended=ended, prompts=list(prompts) if prompts is not None else [""] * B, completions=completions,

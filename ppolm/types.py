@@ -1,7 +1,8 @@
 """Typed batch records that flow between the phases of a PPO step.
 
-Shapes: B batch (rows on this process), P prompt length (left-padded), R response length (right-padded),
-T = P + R. Masks are float tensors, 1.0 on real tokens.
+Shapes: B batch (rows on this process; the k = rollout.samples_per_prompt rows of a prompt are contiguous),
+P prompt length (left-padded), R response length (right-padded), T = P + R. Masks are float tensors, 1.0 on
+real tokens.
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ class Experience:
     input_ids, attention_mask (B, T); response_mask (B, R)
     old_logprobs   (B, R) fp32 log pi_old(token) under the policy that sampled
     ref_logprobs   (B, R) fp32 log pi_ref(token)
-    old_values     (B, R) fp32 critic values V(s_t) before the update
+    old_values     (B, R) fp32 critic values V(s_t) before the update (zeros for a critic-free estimator)
     scores         (B,)   fp32 sequence reward (after normalization, clipping, EOS penalty)
     rewards        (B, R) fp32 per-token shaped rewards (score at the last token - kl_coef * KL)
     kl             (B, R) fp32 per-token KL estimate to the reference
-    advantages     (B, R) fp32 GAE advantages (whitened when configured)
-    returns        (B, R) fp32 value targets
+    advantages     (B, R) fp32 advantages of algo.estimator (GAE, or one per sequence broadcast over its tokens)
+    returns        (B, R) fp32 value targets (critic-free estimators: equal to the advantages, unused)
     """
 
     input_ids: torch.Tensor

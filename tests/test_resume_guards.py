@@ -123,3 +123,18 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
     # steps 3-4 were redone from checkpoint-2 exactly: the same final weights as before the damage
     redone = load_file(run_dir / "final/model.safetensors")
     assert original.keys() == redone.keys() and all(torch.equal(original[k], redone[k]) for k in original)
+
+
+def test_keys_added_after_the_checkpoint_at_their_default_are_not_a_change(tmp_path):
+    """A checkpoint written before `algo.estimator` / `kl.in` / `rollout.samples_per_prompt` existed resumes
+    under the defaults (the computation is the one it did) and is refused when the new key changes it."""
+    from ppolm.trainers.resume import check_same_run, config_fingerprint
+
+    cfg = _cfg(tmp_path)
+    old = {k: v for k, v in config_fingerprint(cfg).items()
+           if k not in ("algo.estimator", "kl.in", "rollout.samples_per_prompt")}
+    state = {"config": old, "data": "d", "world_size": 1}
+    check_same_run(state, tmp_path, config=cfg, data_fp="d", world_size=1, allow_changed=False, is_main=True)
+    grpo = _cfg(tmp_path, "algo.estimator=grpo")
+    with pytest.raises(CheckpointError, match=r"algo.estimator \(null -> \"grpo\"\)"):
+        check_same_run(state, tmp_path, config=grpo, data_fp="d", world_size=1, allow_changed=False, is_main=True)

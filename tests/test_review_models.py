@@ -4,6 +4,8 @@ transforms, a separate critic without an LM head. Each test failed before its fi
 from __future__ import annotations
 
 import pytest
+
+from conftest import free_port
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -75,7 +77,7 @@ def test_separate_critic_with_untied_embeddings_on_two_processes(tmp_path):
     tok.save_pretrained(tmp_path / "untied")
     env = {**os.environ, "PYTHONPATH": str(root), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(root / "tests/scripts/ppo_tiny_run.py"), f"model={tmp_path / 'untied'}", "critic.kind=separate",
          f"output_dir={tmp_path / 'run'}", "max_steps=2", "rollout.batch_size=4", "ppo.minibatch_size=4",
          "ppo.epochs=2", "rollout.max_new_tokens=4"],

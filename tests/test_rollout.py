@@ -64,3 +64,19 @@ def test_stop_strings():
     if stop:
         out = generate(model, tok, ids, mask, row_uniforms(0, 0, [0, 1, 2], 12), max_new_tokens=12, stop=[stop])
         assert stop not in out.completions[0] and out.ended[0]
+
+
+def test_shared_prefill_groups_sample_what_repeated_prompts_sample():
+    """samples_per_prompt=k prefills each prompt once and copies its cache: the k samples equal those of the
+    prompt repeated k times with the same random streams, and rows of a group are contiguous."""
+    model, tok, prompts, ids, mask = _setup()
+    k = 3
+    u = row_uniforms(0, 0, list(range(len(prompts) * k)), 8)
+    grouped = generate(model, tok, ids, mask, u, max_new_tokens=8, samples_per_prompt=k)
+    repeated = generate(model, tok, ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), u, max_new_tokens=8)
+    assert grouped.response_ids.shape[0] == len(prompts) * k
+    assert torch.equal(grouped.prompt_ids, ids.repeat_interleave(k, 0))
+    assert torch.equal(grouped.response_ids, repeated.response_ids)
+    assert torch.equal(grouped.response_mask, repeated.response_mask)
+    # different streams within a group give different samples
+    assert len({tuple(r.tolist()) for r in grouped.response_ids[:k]}) > 1

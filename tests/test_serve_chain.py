@@ -5,7 +5,6 @@ and SFT's final/, each built here by the product itself on tiny-random-llama, th
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import httpx
 import openai
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import free_port
 
 from ppolm.cli import main
 from ppolm.serve import ServeLimits, create_app, load_served, serve_in_background
@@ -69,15 +70,9 @@ def test_exported_model_served_through_openai_client(exported, kind):
         assert finishes[-1] == "length"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ppolm_serve_command_answers_the_pipeline_export(exported):
     """The acceptance path: `ppolm serve --model EXPORT` answers chat with 200; the key comes from PPOLM_API_KEY."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PPOLM_API_KEY": "sk-env", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "ppolm.cli", "serve", "--model", str(exported["pipeline"]), "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ppolm.ops import masked_mean, masked_sum
+from ppolm.ops import kl_estimate, masked_mean, masked_sum
 
 
 def token_mean(x: torch.Tensor, mask: torch.Tensor, num_tokens: float | None) -> torch.Tensor:
@@ -92,6 +92,19 @@ def value_loss(
 def entropy_bonus(entropy: torch.Tensor, response_mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
     """Mean per-token entropy over response tokens; the loss subtracts ent_coef times this."""
     return token_mean(entropy, response_mask, num_tokens)
+
+
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    estimator: str = "k3",
+    num_tokens: float | None = None,
+) -> torch.Tensor:
+    """KL to the reference as a loss term (GRPO, Shao et al. 2024 eq. 4 uses k3): mean over response tokens of
+    kl_estimate(logprobs, ref_logprobs); the gradient flows through logprobs. (B, R) each -> scalar; the loss
+    adds kl_coef times this (`kl.in: loss`)."""
+    return token_mean(kl_estimate(logprobs, ref_logprobs, estimator), response_mask, num_tokens)
 
 
 def sft_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ppolm.algo.estimators import get_estimator
 from ppolm.config import PPORunConfig
 from ppolm.models import load_model
 from ppolm.models.policy import (
@@ -24,6 +25,7 @@ class ActorCritic(nn.Module):
 
     def __init__(self, policy: PreTrainedModel, value_head: ValueHead | None, critic: SeparateCritic | None,
                  temperature: float = 1.0):
+        # both None: a critic-free estimator (algo.estimator != gae); forward then returns values None
         super().__init__()
         self.temperature = temperature  # the rollout's: log-probs are scored from logits / temperature
         self.policy = policy
@@ -37,8 +39,9 @@ class ActorCritic(nn.Module):
         response_ids: torch.Tensor,
         need_entropy: bool = False,
         autocast_dtype: torch.dtype | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """logprobs (B, R), values (B, R), entropy (B, R) or None; one backbone forward in head mode."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """logprobs (B, R), values (B, R) or None without a critic, entropy (B, R) or None; one backbone forward
+        in head mode."""
         out: TokenScores = score_tokens(
             self.policy, input_ids, attention_mask, response_ids,
             value_head=self.value_head, need_entropy=need_entropy, autocast_dtype=autocast_dtype,
@@ -52,10 +55,15 @@ class ActorCritic(nn.Module):
     def is_lora(self) -> bool:
         return hasattr(self.policy, "disable_adapter")
 
+    def critic_module(self) -> nn.Module | None:
+        """The trainable value model (head or separate critic), None for a critic-free estimator."""
+        return self.value_head if self.value_head is not None else self.critic
+
 
 def build_actor_critic(cfg: PPORunConfig, amp: torch.dtype | None) -> tuple[ActorCritic, PreTrainedModel | None]:
     """(actor_critic, reference). The reference is None with LoRA (adapters disabled instead) and when the
-    KL penalty is off for the whole run (kl.coef = 0, not adaptive): no forward the maths does not need."""
+    KL penalty is off for the whole run (kl.coef = 0, not adaptive); no value model when `algo.estimator` is
+    critic-free: no weights and no forward the maths does not need."""
     policy = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
     disable_dropout(policy)
     if cfg.gradient_checkpointing:
@@ -71,7 +79,9 @@ def build_actor_critic(cfg: PPORunConfig, amp: torch.dtype | None) -> tuple[Acto
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 17)
         critic, value_head = None, None
-        if cfg.critic.kind == "head":
+        if not get_estimator(cfg.algo.estimator).needs_critic:
+            pass
+        elif cfg.critic.kind == "head":
             value_head = ValueHead(hidden_size(policy), cfg.critic.head_init)
         else:
             source = cfg.reward.model if cfg.critic.init == "reward" else cfg.model

@@ -1,10 +1,13 @@
 """RLHF-style PPO on any causal LM: a thin loop of named phases.
 
-    rollout -> score -> experience (old log-probs, values, reference log-probs, KL-shaped rewards, GAE)
+    rollout -> score -> experience (old log-probs, values, reference log-probs, KL-shaped rewards, advantages)
             -> update (PPO epochs x shuffled minibatches, shared optimizer step) -> log -> checkpoint
 
 Algorithm: Ouyang et al. 2022 (InstructGPT) / Ziegler et al. 2019, with the details of "The N+ Implementation
 Details of RLHF with PPO" (docs/implementation-details.md lists each with the function that does it).
+The advantage estimator is chosen by `algo.estimator` (ppolm/algo/estimators.py): GAE with a critic, or
+critic-free GRPO / RLOO / REINFORCE++ / Dr. GRPO over groups of `rollout.samples_per_prompt` responses, through
+the same loop and the same clipped update.
 Deliberately left out: PPO-ptx pretraining mix, reward-model training inside the loop (see `ppolm rm`).
 Launch: `ppolm ppo --config configs/tiny.yaml`, or `torchrun --nproc_per_node 2 -m ppolm.cli ppo ...`.
 """
@@ -17,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ppolm.algo.advantages import gae, shaped_rewards
+from ppolm.algo.advantages import shaped_rewards
+from ppolm.algo.estimators import estimate, get_estimator
 from ppolm.algo.kl import make_kl_controller
-from ppolm.algo.losses import entropy_bonus, explained_variance, policy_loss, value_loss
+from ppolm.algo.losses import entropy_bonus, explained_variance, kl_loss, policy_loss, value_loss
 from ppolm.config import PPORunConfig, save_config
 from ppolm.data.collate import left_pad_collate
 from ppolm.logger import MetricsLogger
@@ -40,7 +44,8 @@ from ppolm.types import Experience, Rollout
 from ppolm.update import Optimization
 
 
-PolicyOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # logprobs, values, entropy: (B, R) each
+# logprobs, values (None without a critic), entropy: (B, R) each
+PolicyOut = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 @dataclass
@@ -82,12 +87,13 @@ class PPOTrainer:
 
             raise DataError(cfg.task.data or cfg.task.name, None, None,
                             f"no prompt fits rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}")
+        self.estimator = get_estimator(cfg.algo.estimator)
         self.actor, self.reference = build_actor_critic(cfg, self.amp)
         self.actor.to(self.runtime.device)
         if self.reference is not None:
             self.reference.to(self.runtime.device)
         self.scorer = self._build_scorer(reward_fn, extra_fns)
-        n_minibatches = cfg.rollout.batch_size // cfg.ppo.minibatch_size
+        n_minibatches = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt // cfg.ppo.minibatch_size
         self.optim = Optimization(
             self.actor, self.runtime, param_groups=param_groups(self.actor, cfg.optim.lr, cfg.optim.critic_lr),
             betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
@@ -98,7 +104,8 @@ class PPOTrainer:
         self.model, self.optim.optimizer = self.runtime.prepare(self.actor, self.optim.optimizer)
         self.optim.model = self.model
         self.kl_ctl = make_kl_controller(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon)
-        self.global_batch = cfg.rollout.batch_size * self.runtime.world_size
+        self.global_batch = cfg.rollout.batch_size * self.runtime.world_size  # prompts per step
+        self.global_rows = self.global_batch * cfg.rollout.samples_per_prompt  # responses per step
         self.state = PPOCheckpointer(self)
         self.start_step = self.state.maybe_resume() if cfg.resume else 0
         self.watch = Watch(cfg.eval, cfg.guard, self.task, eval_examples or [], self.tokenizer, cfg.output_dir,
@@ -130,19 +137,23 @@ class PPOTrainer:
 
     # ---- phases -------------------------------------------------------------------------------------------
     def rollout(self, step: int) -> tuple[Rollout, list, list[int]]:
-        """Sample responses for this process's rows of `step`."""
+        """Sample k = samples_per_prompt responses for each of this process's prompts of `step`; the k rows of a
+        prompt are contiguous, and a process always holds whole groups."""
         rows = step_rows(len(self.prompts.examples), self.cfg.seed, step, self.global_batch,
                          self.runtime.rank, self.cfg.rollout.batch_size)
-        idx = [i for _, i in rows]
-        ids, mask = left_pad_collate([self.prompts.token_ids[i] for i in idx], self.tokenizer.pad_token_id)
         r = self.cfg.rollout
-        uniforms = row_uniforms(self.cfg.seed, step, [pos for pos, _ in rows], r.max_new_tokens)
+        k = r.samples_per_prompt
+        ids, mask = left_pad_collate([self.prompts.token_ids[i] for _, i in rows], self.tokenizer.pad_token_id)
+        idx = [i for _, i in rows for _ in range(k)]
+        # sample j of the prompt at global position pos draws from stream pos * k + j (k = 1: stream pos)
+        uniforms = row_uniforms(self.cfg.seed, step, [pos * k + j for pos, _ in rows for j in range(k)],
+                                r.max_new_tokens)
         self.actor.eval()  # rollout and scoring run in eval mode; update() switches to train mode
         out = generate(
             self.actor.policy, self.tokenizer, ids.to(self.runtime.device), mask.to(self.runtime.device), uniforms,
             max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
             top_k=r.top_k, top_p=r.top_p,
-            stop=r.stop, autocast_dtype=self.amp, prompts=[self.prompts.texts[i] for i in idx],
+            stop=r.stop, autocast_dtype=self.amp, prompts=[self.prompts.texts[i] for i in idx], samples_per_prompt=k,
         )
         return out, [self.prompts.examples[i] for i in idx], idx
 
@@ -155,7 +166,7 @@ class PPOTrainer:
         return scores.to(self.runtime.device), {
             "reward/mean": float(finite.mean()) if finite.numel() else float("nan"),
             "reward/std": float(finite.std()) if finite.numel() > 1 else 0.0,
-            "reward/score_mean": float(self.runtime.sum(scores.sum()) / self.global_batch),
+            "reward/score_mean": float(self.runtime.sum(scores.sum()) / self.global_rows),
             "reward/nonfinite_count": float(self.runtime.sum(stats.nonfinite)),
             "reward/eos_penalized_count": float(self.runtime.sum(stats.eos_penalized)),
             "reward/all_equal": float(finite.numel() > 0 and bool((finite == finite[0]).all())),
@@ -164,18 +175,18 @@ class PPOTrainer:
     def fused_first_forward(self) -> bool:
         """True when the update is one optimizer step over the whole batch: its forward, taken before any weight
         changes, gives exactly the old log-probs and values, so the separate no-grad forward is skipped."""
-        p = self.cfg.ppo
+        p, r = self.cfg.ppo, self.cfg.rollout
         return (p.fuse_first_forward and p.epochs == 1 and p.grad_accum_steps == 1
-                and p.minibatch_size == self.cfg.rollout.batch_size)
+                and p.minibatch_size == r.batch_size * r.samples_per_prompt)
 
     @torch.no_grad()
     def experience(self, rollout: Rollout, scores: torch.Tensor,
                    policy_out: PolicyOut | None = None) -> tuple[Experience, dict[str, float]]:
         """Old log-probs and values (one forward in head mode, or `policy_out` of the fused update forward),
-        reference log-probs, shaped rewards, GAE."""
+        reference log-probs, shaped rewards (KL in the reward unless kl.in = loss), the estimator's advantages."""
         ids, attn, resp, mask = rollout.input_ids, rollout.attention_mask, rollout.response_ids, rollout.response_mask
         if policy_out is not None:
-            old_logprobs, old_values, entropy = (x.detach() for x in policy_out)
+            old_logprobs, old_values, entropy = (x.detach() if x is not None else None for x in policy_out)
         else:
             self.actor.eval()
             old_logprobs, old_values, entropy = self.actor(ids, attn, resp, need_entropy=True, autocast_dtype=self.amp)
@@ -183,22 +194,24 @@ class PPOTrainer:
             ref_logprobs = old_logprobs  # KL penalty off for the whole run: the reference forward is skipped
         else:
             ref_logprobs = reference_logprobs(self.actor, self.reference, ids, attn, resp, self.amp)
-        p = self.cfg.ppo
-        rewards, kl = shaped_rewards(scores, old_logprobs, ref_logprobs, mask, self.kl_ctl.value, self.cfg.kl.estimator)
-        advantages, returns = gae(rewards, old_values, mask, p.gamma, p.lam)
-        if p.whiten_advantages:
+        p, est = self.cfg.ppo, self.estimator
+        reward_kl_coef = self.kl_ctl.value if self.cfg.kl.in_ == "reward" else 0.0
+        rewards, kl = shaped_rewards(scores, old_logprobs, ref_logprobs, mask, reward_kl_coef, self.cfg.kl.estimator)
+        advantages, returns = estimate(est.name, rewards, old_values, mask,
+                                       group_size=self.cfg.rollout.samples_per_prompt, gamma=p.gamma, lam=p.lam)
+        if est.whiten == "always" or (est.whiten == "config" and p.whiten_advantages):
             advantages = self._global_whiten(advantages, mask)
+        if old_values is None:  # critic-free: the record keeps its shape, the value loss is never computed
+            old_values = torch.zeros_like(old_logprobs)
         exp = Experience(ids, attn, mask, old_logprobs, ref_logprobs, old_values, scores, rewards, kl, advantages, returns)
-        n_rows = self.global_batch
+        n_rows = self.global_rows
         kl_seq = float(self.runtime.sum(kl.sum())) / n_rows
         lengths = mask.sum(-1)
         metrics = {
             "objective/kl": kl_seq,
             "objective/kl_coef": self.kl_ctl.value,
-            "objective/non_score_reward": float(self.runtime.sum((-self.kl_ctl.value * kl).sum())) / n_rows,
+            "objective/non_score_reward": float(self.runtime.sum((-reward_kl_coef * kl).sum())) / n_rows,
             "policy/entropy": float(self.runtime.sum((entropy * mask).sum()) / self.runtime.sum(mask.sum()).clamp(min=1)),
-            "val/mean": float(masked_mean(old_values, mask)),
-            "val/explained_variance": float(explained_variance(old_values, returns, mask)),
             "response/length_mean": float(self.runtime.sum(lengths.sum())) / n_rows,
             "response/eos_rate": float(self.runtime.sum(rollout.ended.float().sum())) / n_rows,
             # an EOS-only response is one token long but says nothing: it counts as empty
@@ -206,6 +219,9 @@ class PPOTrainer:
                 ((lengths == 0) | ((lengths == 1) & rollout.ended)).float().sum())),
             "response/one_token_count": float(self.runtime.sum((lengths == 1).float().sum())),
         }
+        if est.needs_critic:
+            metrics["val/mean"] = float(masked_mean(old_values, mask))
+            metrics["val/explained_variance"] = float(explained_variance(old_values, returns, mask))
         return exp, metrics
 
     def _global_whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -222,17 +238,23 @@ class PPOTrainer:
         """
         p, world = self.cfg.ppo, self.runtime.world_size
         self.actor.train()
+        group, critic, kl_in_loss = self.cfg.rollout.samples_per_prompt, self.estimator.needs_critic, self._kl_in_loss()
         sums: dict[str, float] = {}
         n_tokens_total = 0.0
+        norm_total = 0.0  # sum of the loss normalizers (global tokens, or Dr. GRPO's constant) of the minibatches
         stopped_early = 0.0
         steps_taken = 0  # optimizer steps actually applied (early stop and skipped non-finite steps excluded)
         for epoch in range(p.epochs):
             gen = torch.Generator().manual_seed((self.cfg.seed * 1009 + step) * 101 + epoch)
-            order = torch.randperm(len(exp), generator=gen)
+            # shuffle whole groups: the k rows of a prompt stay contiguous and in one minibatch (k = 1: rows)
+            groups = torch.randperm(len(exp) // group, generator=gen)
+            order = (groups.unsqueeze(1) * group + torch.arange(group)).flatten()
             epoch_kl = []
             for mb_index in order.split(p.minibatch_size):
                 mb = exp.select(mb_index)
                 mb_tokens = float(self.runtime.sum(mb.response_mask.sum()))
+                if self.estimator.constant_length_norm:  # Dr. GRPO: sum over tokens / (rows x max length)
+                    mb_tokens = float(len(mb) * world * self.cfg.rollout.max_new_tokens)
                 micro = [mb.select(i) for i in torch.arange(len(mb)).chunk(p.grad_accum_steps)]
 
                 def loss_fn(m: Experience, index: torch.Tensor = mb_index):
@@ -247,18 +269,27 @@ class PPOTrainer:
                         )
                     pl = policy_loss(logprobs, m.old_logprobs, m.advantages, m.response_mask, p.clip_eps,
                                      p.log_ratio_clamp, num_tokens=mb_tokens)
-                    vl = value_loss(values, m.old_values, m.returns, m.response_mask, p.value_clip_eps,
-                                    num_tokens=mb_tokens)
-                    loss = pl.loss + p.vf_coef * vl.loss
+                    loss = pl.loss
+                    ntok = float(m.response_mask.sum())
+                    metrics = {
+                        "loss/policy": float(pl.loss.detach()) * mb_tokens,
+                        "policy/clipfrac": float(pl.clipfrac) * ntok, "policy/approx_kl": float(pl.approx_kl) * ntok,
+                        "policy/ratio_mean": float(pl.ratio_mean) * ntok,
+                    }
+                    if critic:
+                        vl = value_loss(values, m.old_values, m.returns, m.response_mask, p.value_clip_eps,
+                                        num_tokens=mb_tokens)
+                        loss = loss + p.vf_coef * vl.loss
+                        metrics["loss/value"] = float(vl.loss.detach()) * mb_tokens
+                        metrics["val/clipfrac"] = float(vl.clipfrac) * ntok
+                    if kl_in_loss:
+                        kll = kl_loss(logprobs, m.ref_logprobs, m.response_mask, self.cfg.kl.estimator, mb_tokens)
+                        loss = loss + self.kl_ctl.value * kll
+                        metrics["loss/kl"] = float(kll.detach()) * mb_tokens
                     if p.ent_coef > 0:
                         loss = loss - p.ent_coef * entropy_bonus(entropy, m.response_mask, num_tokens=mb_tokens)
-                    ntok = float(m.response_mask.sum())
                     # DDP averages gradients over processes; the loss is already a global token mean.
-                    return loss * world, {
-                        "loss/policy": float(pl.loss.detach()) * mb_tokens, "loss/value": float(vl.loss.detach()) * mb_tokens,
-                        "policy/clipfrac": float(pl.clipfrac) * ntok, "policy/approx_kl": float(pl.approx_kl) * ntok,
-                        "policy/ratio_mean": float(pl.ratio_mean) * ntok, "val/clipfrac": float(vl.clipfrac) * ntok,
-                    }
+                    return loss * world, metrics
 
                 result = self.optim.step(micro, loss_fn, where=f"step {step + 1}")
                 for k, v in result.metrics.items():
@@ -267,6 +298,7 @@ class PPOTrainer:
                     sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + result.grad_norm
                     steps_taken += 1
                 n_tokens_total += float(mb.response_mask.sum())
+                norm_total += mb_tokens
                 epoch_kl.append(result.metrics.get("policy/approx_kl", 0.0) / max(float(mb.response_mask.sum()), 1.0))
             if p.target_kl is not None:
                 mean_kl = float(self.runtime.sum(sum(epoch_kl) / max(len(epoch_kl), 1))) / world
@@ -276,7 +308,7 @@ class PPOTrainer:
         out = {}
         for k, v in sums.items():
             if k.startswith("loss/"):
-                out[k] = float(self.runtime.sum(v)) / world / max(float(self.runtime.sum(n_tokens_total)) / world, 1.0)
+                out[k] = float(self.runtime.sum(v)) / max(norm_total, 1.0)
             elif k == "optim/grad_norm":
                 out[k] = v / steps_taken
             else:
@@ -286,6 +318,11 @@ class PPOTrainer:
         out["optim/nonfinite_skipped_total"] = float(self.optim.nonfinite_total)
         out["policy/early_stopped"] = stopped_early
         return out
+
+    def _kl_in_loss(self) -> bool:
+        """kl.in = loss with a KL penalty that is on for the run (the reference is then scored)."""
+        kl = self.cfg.kl
+        return kl.in_ == "loss" and (kl.coef > 0 or kl.adaptive)
 
     # ---- loop ---------------------------------------------------------------------------------------------
     def step(self, step: int) -> StepOutput:
@@ -306,7 +343,7 @@ class PPOTrainer:
         t3 = time.perf_counter()
         upd_metrics = self.update(exp, step, policy_out)
         t4 = time.perf_counter()
-        self.kl_ctl.update(exp_metrics["objective/kl"], self.global_batch)
+        self.kl_ctl.update(exp_metrics["objective/kl"], self.global_rows)
         n_tokens = float(self.runtime.sum(rollout.response_mask.sum() + rollout.prompt_mask.sum()))
         metrics = {
             **reward_metrics, **exp_metrics, **upd_metrics,

@@ -2,7 +2,7 @@
 
 checkpoint-N/ (written crash-safely by CheckpointManager):
   policy/            HF model directory (safetensors; adapter only with LoRA)
-  critic.safetensors value head or separate critic weights
+  critic.safetensors value head or separate critic weights (absent for critic-free estimators)
   optimizer.*        AdamW state (safetensors + json, no pickle); scheduler.* likewise
   rng.*              python / numpy / torch RNG states
   trainer_state.json step, KL controller, reward moments, optimizer counters, data position, fingerprints
@@ -58,9 +58,11 @@ def load_policy_weights(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _critic_state(trainer: PPOParts) -> dict[str, torch.Tensor]:
-    actor = trainer.actor
-    module = actor.value_head if actor.value_head is not None else actor.critic
+def _critic_state(trainer: PPOParts) -> dict[str, torch.Tensor] | None:
+    """The value model's weights; None for a critic-free estimator (no critic.safetensors is written)."""
+    module = trainer.actor.critic_module()
+    if module is None:
+        return None
     return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
 
 
@@ -75,7 +77,9 @@ class PPOCheckpointer:
         t = self.t
         policy = t.actor.policy
         policy.save_pretrained(out / "policy", safe_serialization=True)
-        save_file(_critic_state(t), str(out / "critic.safetensors"))
+        critic = _critic_state(t)
+        if critic is not None:
+            save_file(critic, str(out / "critic.safetensors"))
         save_optimizer_state(t.optim.optimizer, out / "optimizer")
         save_scheduler_state(t.optim.scheduler, out / "scheduler")
         save_rng_state(out / "rng")
@@ -108,8 +112,9 @@ class PPOCheckpointer:
         state = load_json(path / "trainer_state.json")
         self._check_same_run(state, path)
         self._load_policy(path / "policy")
-        module = t.actor.value_head if t.actor.value_head is not None else t.actor.critic
-        module.load_state_dict(load_file(str(path / "critic.safetensors")))
+        module = t.actor.critic_module()
+        if module is not None:
+            module.load_state_dict(load_file(str(path / "critic.safetensors")))
         load_optimizer_state(t.optim.optimizer, path / "optimizer")
         load_scheduler_state(t.optim.scheduler, path / "scheduler")
         load_rng_state(path / "rng")

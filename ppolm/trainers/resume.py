@@ -55,7 +55,11 @@ def check_same_run(state: dict, path: Path, *, config: BaseModel, data_fp: str, 
                    allow_changed: bool, is_main: bool) -> None:
     """Refuse (CheckpointError) or warn when config, data or process count differ from the checkpoint's."""
     old, new = state.get("config", {}), config_fingerprint(config)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    # A key the checkpoint does not know (added to ppolm after it was written) at its default computes what
+    # the older code did: not a change.
+    defaults = config_fingerprint(type(config).model_construct())
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                     and not (k not in old and k in defaults and new.get(k) == defaults[k]))
     problems = []
     if changed:
         problems.append("config changed: " + ", ".join(
