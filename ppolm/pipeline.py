@@ -179,28 +179,32 @@ def _say(msg: str) -> None:
     print(f"[ppolm run] {msg}", flush=True)
 
 
-def evaluate_model(cfg: PipelineConfig, task: Task, model_dir: str, examples: list[Example], name: str,
-                   reference: str | None) -> tuple[dict, list[dict], float]:
-    """Evaluate one model on `examples`; writes eval-<name>/metrics.json and predictions.jsonl."""
+def evaluate_model(cfg: PipelineConfig, task: Task, model_dir: str, sets: dict[str, list[Example]],
+                   reference: str | None) -> dict[str, tuple[dict, list[dict], float]]:
+    """Evaluate one model (loaded once) on each named set of examples; writes eval-<name>/metrics.json and
+    predictions.jsonl per set. Returns {name: (metrics, predictions, seconds)}."""
     import torch
 
     from ppolm.eval.run import evaluate
     from ppolm.models import load_model, load_tokenizer
     from ppolm.runtime import autocast_dtype
 
-    t0 = time.perf_counter()
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     ref = load_model(reference) if reference and getattr(task, "needs_reference_scores", False) else None
     amp = autocast_dtype(cfg.precision, torch.device("cpu"))
-    result = evaluate(task, model, tok, examples, batch_size=cfg.eval.batch_size, autocast=amp,
-                      reference_model=ref, seed=cfg.seed, progress=True)
-    out = Path(cfg.output_dir) / f"eval-{name}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2, default=str))
-    with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
-        for p in result.predictions:
-            f.write(json.dumps(p, ensure_ascii=False, default=str) + "\n")
-    return result.metrics, result.predictions, time.perf_counter() - t0
+    results = {}
+    for name, examples in sets.items():
+        t0 = time.perf_counter()
+        result = evaluate(task, model, tok, examples, batch_size=cfg.eval.batch_size, autocast=amp,
+                          reference_model=ref, seed=cfg.seed, progress=True)
+        out = Path(cfg.output_dir) / f"eval-{name}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2, default=str))
+        with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
+            for p in result.predictions:
+                f.write(json.dumps(p, ensure_ascii=False, default=str) + "\n")
+        results[name] = (result.metrics, result.predictions, time.perf_counter() - t0)
+    return results
 
 
 def _score(c: Candidate, target: TargetConfig) -> float:
@@ -223,11 +227,13 @@ class Evaluator:
 
     def __call__(self, name: str, model_dir: str, reference: str | None, train_seconds: float,
                  run_dir: str | None = None) -> Candidate:
-        m, preds, secs = evaluate_model(self.cfg, self.task, model_dir, self.test, name, reference)
+        sets = {name: self.test, **{f"{name}-{k}": v for k, v in self.extra.items()}}
+        results = evaluate_model(self.cfg, self.task, model_dir, sets, reference)
+        m, preds, secs = results.pop(name)
         c = Candidate(name, model_dir, m, train_seconds, secs, preds, run_dir)
-        for set_name, examples in self.extra.items():
-            em, _, esecs = evaluate_model(self.cfg, self.task, model_dir, examples, f"{name}-{set_name}", reference)
-            c.extra[set_name], c.eval_seconds = em, c.eval_seconds + esecs
+        for set_name in self.extra:
+            c.extra[set_name] = results[f"{name}-{set_name}"][0]
+        c.eval_seconds += sum(r[2] for r in results.values())
         metric = self.cfg.target.metric
         more = "".join(f", {k} {_fmt(v.get(metric))}" for k, v in c.extra.items())
         took = f" ({train_seconds:.0f} s training)" if run_dir else ""

@@ -30,6 +30,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ppolm.config import EvalConfig, GuardConfig
+from ppolm.errors import ConfigError
 from ppolm.eval.run import evaluate, spread
 from ppolm.state_io import save_json
 from ppolm.tasks.base import Example, Task
@@ -114,15 +115,13 @@ class Watch:
         if shares is not None:
             out["eval/top_pred_share"], out["eval/top_gold_share"] = shares
         if f"eval/{self.metric}" not in out:
-            from ppolm.errors import ConfigError
-
             have = ", ".join(k[5:] for k in out)
             raise ConfigError(f"eval.metric '{self.metric}' is not a metric of task {self.task.name} (have: {have})")
         return out
 
     def after_step(self, done: int, total: int, model: Callable[[], PreTrainedModel],
                    metrics: dict[str, float | str]) -> GuardTrip | None:
-        """The loop's hook after step `done`: evaluate when due (adding eval/* and time/eval_s to `metrics`),
+        """The loop's hook after step `done`: evaluate when due (adding eval/* and time/eval_task_s to `metrics`),
         then `observe`; a trip is recorded in `metrics` as guard/stopped and guard/reason."""
         if self.due(done, total):
             t0 = time.perf_counter()
