@@ -1,16 +1,23 @@
 """Seconds per PPO step, split by phase: ppolm's default config next to the plain-torch floor, in one run.
 
-    python bench/ppo_step.py [--models tiny-random-llama,smollm2-135m-instruct] [--steps 3]
+    python bench/ppo_step.py [--models tiny-random-llama,smollm2-135m-instruct] [--steps 3] [--responses 24,96,256]
 
-Batch 8 prompts, responses of exactly 24 tokens (EOS suppressed), a reward model as the reward in both.
-Reports medians over --steps measured steps after one warm-up step, the update phase's achieved FLOP/s
-against this machine's measured matmul peak, and last `speedup floor/ppolm = X` for the last model.
+Batch 8 prompts, responses of exactly R tokens (EOS suppressed), a reward model (sequence-classification head on
+the policy's backbone) as the reward on every side, one PPO epoch of one minibatch. Sides: ppolm; the fp32 floor
+and the bf16-autocast floor (`bench/floor.py`, what a competent plain implementation does). Each side runs in its
+own process, one after the other, so its peak RSS is its own. Reports medians over --steps measured steps after
+one warm-up step, the update phase's achieved FLOP/s against this machine's matmul peak, s/step at every response
+length with its growth against linear, and last `speedup floor/ppolm = X` (fp32 floor, first response length,
+last model).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,14 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from floor import FloorPPO, reward_model_from  # noqa: E402
-
-from ppolm.config import PPORunConfig, load_config  # noqa: E402
-from ppolm.data.collate import left_pad_collate  # noqa: E402
-from ppolm.models import load_model, load_tokenizer  # noqa: E402
-from ppolm.trainers.ppo import PPOTrainer  # noqa: E402
-
-B, R = 8, 24
+B = 8
+PHASES = ["rollout", "scoring", "ref_values", "update", "total"]
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -44,41 +45,32 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 def rm_dir(model_name: str, root: Path) -> str:
     """Save a reward model (policy backbone + random score head) so ppolm loads it like a user's RM."""
+    from floor import reward_model_from
+
+    from ppolm.models import load_model, load_tokenizer
+
     out = root / "rm"
     if not out.exists():
-        policy = load_model(model_name)
-        rm = reward_model_from(policy)
+        rm = reward_model_from(load_model(model_name))
         rm.save_pretrained(out)
         load_tokenizer(model_name).save_pretrained(out)
     return str(out)
 
 
-def ppolm_steps(model: str, rm: str, steps: int, out_dir: Path) -> tuple[list[dict], PPOTrainer]:
+def ppolm_trainer(model: str, rm: str, steps: int, R: int, out_dir: Path):
+    from ppolm.config import PPORunConfig, load_config
+    from ppolm.trainers.ppo import PPOTrainer
+
     cfg = load_config(PPORunConfig, None, [
         f"model={model}", f"output_dir={out_dir}", "task.name=toy", "task.options.prompt_words=30",
         f"rollout.batch_size={B}", f"rollout.max_new_tokens={R}", f"rollout.min_new_tokens={R}",
         "ppo.minibatch_size=8", "log.progress=false", "log.tensorboard=false", f"reward.model={rm}",
-        "optim.lr=1e-6", f"max_steps={steps + 1}",
+        "optim.lr=1e-6", f"max_steps={steps + 1}", "checkpoint.every=0",
     ])
-    trainer = PPOTrainer(cfg)
-    times = []
-    for s in range(steps + 1):
-        m = trainer.step(s).metrics
-        if s > 0:
-            times.append(m)
-    return times, trainer
+    return PPOTrainer(cfg)
 
 
-def floor_steps(model: str, steps: int, trainer: PPOTrainer) -> list[dict]:
-    tok = load_tokenizer(model)
-    policy = load_model(model)
-    floor = FloorPPO(policy, tok, reward_model_from(policy), lr=1e-6)
-    ids, attn = left_pad_collate([trainer.prompts.token_ids[i] for i in range(B)], tok.pad_token_id)
-    torch.manual_seed(0)
-    return [floor.step(ids, attn, R) for _ in range(steps + 1)][1:]
-
-
-def update_flops(trainer: PPOTrainer, n_tokens: int, n_resp: int) -> float:
+def update_flops(trainer, n_tokens: int, n_resp: int) -> float:
     """Matmul FLOPs of the update phase: 6 x body params x tokens (fwd + bwd) + 6 x H x V x response tokens
     per epoch; with the fused first forward the forward runs in the experience phase, leaving 4/6 here."""
     policy = trainer.actor.policy
@@ -89,36 +81,94 @@ def update_flops(trainer: PPOTrainer, n_tokens: int, n_resp: int) -> float:
     return trainer.cfg.ppo.epochs * per_epoch - (per_epoch / 3 if fused else 0.0)
 
 
+def child(side: str, model: str, steps: int, R: int, rm: str) -> dict:
+    """One side's medians (s/step by phase), its peak RSS and, for ppolm, the update phase's FLOPs."""
+    from ppolm.data.collate import left_pad_collate
+    from ppolm.models import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = ppolm_trainer(model, rm, steps, R, Path(tmp) / "run")
+        if side == "ppolm":
+            rows = [trainer.step(s).metrics for s in range(steps + 1)][1:]
+            keys = {"rollout": "time/rollout_s", "scoring": "time/score_s", "ref_values": "time/experience_s",
+                    "update": "time/update_s", "total": "time/step_s"}
+            out = {k: statistics.median(r[v] for r in rows) for k, v in keys.items()}
+            n_tokens = B * (len(max(trainer.prompts.token_ids[:B], key=len)) + R)
+            out["update_flops"] = update_flops(trainer, n_tokens, B * R)
+            out["bf16"] = trainer.amp == torch.bfloat16
+        else:
+            from floor import FloorPPO
+
+            prompts = [trainer.prompts.token_ids[i] for i in range(B)]
+            del trainer  # the floor process holds only the floor's models
+            tok, policy = load_tokenizer(model), load_model(model)
+            floor = FloorPPO(policy, tok, load_model(rm, kind="seqcls"), lr=1e-6, bf16=side == "floor-bf16")
+            ids, attn = left_pad_collate(prompts, tok.pad_token_id)
+            rows = [floor.step(ids, attn, R) for _ in range(steps + 1)][1:]
+            out = {k: statistics.median(r[k] for r in rows) for k in PHASES}
+    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
+
+
+def run_side(side: str, model: str, steps: int, R: int, rm: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", side, "--models", model, "--steps", str(steps),
+           "--responses", str(R), "--rm", rm]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{side} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="tiny-random-llama,smollm2-135m-instruct")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--responses", default="24", help="response lengths, e.g. 24,96,256")
+    ap.add_argument("--sides", default="ppolm,floor,floor-bf16")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rm", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.manual_seed(0)
+    lengths = [int(x) for x in args.responses.split(",")]
+    if args.child:
+        print(json.dumps(child(args.child, args.models, args.steps, lengths[0], args.rm)))
+        return
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     print(f"matmul peak 2048^3: fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s "
           f"({torch.get_num_threads()} threads)")
+    sides = args.sides.split(",")
     speedup = float("nan")
     for model in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             rm = rm_dir(model, Path(tmp))
-            ours, trainer = ppolm_steps(model, rm, args.steps, Path(tmp) / "run")
-            floor = floor_steps(model, args.steps, trainer)
-        med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
-        p = {"rollout": med(ours, "time/rollout_s"), "scoring": med(ours, "time/score_s"),
-             "ref_values": med(ours, "time/experience_s"), "update": med(ours, "time/update_s"),
-             "total": med(ours, "time/step_s")}
-        f = {k: med(floor, k) for k in ["rollout", "scoring", "ref_values", "update", "total"]}
-        print(f"\n== {model}: batch {B}, response {R}, medians of {args.steps} steps (s/step)")
-        print(f"{'phase':12s} {'ppolm':>8s} {'floor':>8s} {'floor/ppolm':>12s}")
-        for k in p:
-            print(f"{k:12s} {p[k]:8.3f} {f[k]:8.3f} {f[k] / p[k]:12.2f}")
-        n_tokens = B * (len(max(trainer.prompts.token_ids[:B], key=len)) + R)
-        flops = update_flops(trainer, n_tokens, B * R)
-        peak = peak16 if trainer.amp == torch.bfloat16 else peak32
-        print(f"update phase: {flops / p['update'] / 1e9:.0f} GFLOP/s achieved = "
-              f"{100 * flops / p['update'] / peak:.0f}% of the {'bf16' if peak is peak16 else 'fp32'} matmul peak")
-        speedup = f["total"] / p["total"]
+            by_len = {R: {side: run_side(side, model, args.steps, R, rm) for side in sides} for R in lengths}
+        for R, res in by_len.items():
+            print(f"\n== {model}: batch {B}, response {R}, medians of {args.steps} steps (s/step)")
+            print(f"{'phase':12s}" + "".join(f" {s:>11s}" for s in sides)
+                  + "".join(f" {s + '/ppolm':>17s}" for s in sides if s != "ppolm"))
+            for k in PHASES:
+                base = res.get("ppolm", {}).get(k)
+                print(f"{k:12s}" + "".join(f" {res[s][k]:11.3f}" for s in sides)
+                      + "".join(f" {res[s][k] / base:17.2f}" for s in sides if s != "ppolm" and base))
+            print("peak RSS GiB" + "".join(f" {res[s]['peak_rss_gib']:11.2f}" for s in sides))
+            if "ppolm" in res:
+                p = res["ppolm"]
+                peak = peak16 if p["bf16"] else peak32
+                print(f"update phase: {p['update_flops'] / p['update'] / 1e9:.0f} GFLOP/s achieved = "
+                      f"{100 * p['update_flops'] / p['update'] / peak:.0f}% of the "
+                      f"{'bf16' if p['bf16'] else 'fp32'} matmul peak")
+        if len(lengths) > 1:
+            r0 = lengths[0]
+            print(f"\ncost growth vs response {r0} (linear in R would be R/{r0}):")
+            for R in lengths[1:]:
+                print(f"response {R:4d} (x{R / r0:.1f}):" + "".join(
+                    f" {s} x{by_len[R][s]['total'] / by_len[r0][s]['total']:.2f}" for s in sides))
+        first = by_len[lengths[0]]
+        if "ppolm" in first and "floor-bf16" in first:
+            print(f"speedup bf16-floor/ppolm = {first['floor-bf16']['total'] / first['ppolm']['total']:.2f}")
+        if "ppolm" in first and "floor" in first:
+            speedup = first["floor"]["total"] / first["ppolm"]["total"]
     print(f"speedup floor/ppolm = {speedup:.2f}")
 
 
