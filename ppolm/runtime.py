@@ -58,6 +58,14 @@ class Runtime:
 
         return torch.tensor(gather_object(values.detach().cpu().tolist()), dtype=values.dtype)
 
+    def gather_object(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every process (pickled; for small states such as RNG)."""
+        if not self.distributed:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
     def prepare(self, *objs):
         """Wrap models (DDP/FSDP) and optimizers for this process layout."""
         return self.accelerator.prepare(*objs)

@@ -55,6 +55,7 @@ def test_accelerate_launch_ddp_equals_one_process_and_refuses_other_process_coun
                             "rollout.batch_size=8", "ppo.minibatch_size=8", "ppo.grad_accum_steps=2")
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("final: ") == 1  # printed by the main process only
+    assert (tmp_path / "two/checkpoint-4/rng-rank1.json").is_file()  # each rank's RNG streams
     one = ppolm_cli("ppo", *common, f"output_dir={tmp_path / 'one'}", "rollout.batch_size=16",
                     "ppo.minibatch_size=16")
     assert one.returncode == 0, one.stderr[-3000:]

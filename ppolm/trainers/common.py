@@ -31,8 +31,8 @@ from ppolm.logger import MetricsLogger
 from ppolm.models.policy import apply_lora, disable_dropout
 from ppolm.runtime import Runtime
 from ppolm.state_io import (
-    load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json, save_optimizer_state,
-    save_rng_state, save_scheduler_state,
+    get_rng_state, load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json,
+    save_optimizer_state, save_rng_state, save_scheduler_state,
 )
 from ppolm.trainers.resume import check_same_run, config_fingerprint
 from ppolm.update import Optimization
@@ -125,11 +125,11 @@ class RunCheckpointer:
         self.runtime, self.cfg, self.model, self.optim, self.data_fp = runtime, config, model, optim, data_fp
         self.manager = CheckpointManager(config.output_dir, keep=config.checkpoint.keep)
 
-    def _write(self, step: int, out: Path) -> None:
+    def _write(self, step: int, out: Path, rng_states: list | None = None) -> None:
         save_file(trainable_state(self.model), str(out / "trainable.safetensors"))
         save_optimizer_state(self.optim.optimizer, out / "optimizer")
         save_scheduler_state(self.optim.scheduler, out / "scheduler")
-        save_rng_state(out / "rng")
+        save_rng_state(out / "rng", rng_states)
         save_json(out / "trainer_state.json", {
             "step": step, "optimization": self.optim.state_dict(), "world_size": self.runtime.world_size,
             "config": config_fingerprint(self.cfg), "data": self.data_fp,
@@ -138,8 +138,9 @@ class RunCheckpointer:
     def save(self, step: int) -> Path | None:
         """Main process writes checkpoint-`step`; every process waits for it."""
         path = None
+        rng_states = self.runtime.gather_object(get_rng_state())  # every rank's streams, written by the main one
         if self.runtime.is_main:
-            path = self.manager.save(step, lambda out: self._write(step, out))
+            path = self.manager.save(step, lambda out: self._write(step, out, rng_states))
         self.runtime.wait()
         return path
 
@@ -154,7 +155,7 @@ class RunCheckpointer:
         load_trainable_state(self.model, load_file(str(path / "trainable.safetensors")), path)
         load_optimizer_state(self.optim.optimizer, path / "optimizer")
         load_scheduler_state(self.optim.scheduler, path / "scheduler")
-        load_rng_state(path / "rng")
+        load_rng_state(path / "rng", self.runtime.rank)
         self.optim.load_state_dict(state["optimization"])
         log(f"resumed from {path.name} (step {state['step']})")
         return int(state["step"])

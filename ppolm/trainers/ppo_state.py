@@ -21,8 +21,8 @@ from ppolm.errors import CheckpointError
 from ppolm.trainers.common import export_model
 from ppolm.trainers.resume import check_same_run, config_fingerprint, data_fingerprint
 from ppolm.state_io import (
-    load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json, save_optimizer_state,
-    save_rng_state, save_scheduler_state,
+    get_rng_state, load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json,
+    save_optimizer_state, save_rng_state, save_scheduler_state,
 )
 
 if TYPE_CHECKING:
@@ -41,14 +41,14 @@ class PPOCheckpointer:
         self.t = trainer
         self.manager = CheckpointManager(trainer.cfg.output_dir, keep=trainer.cfg.checkpoint.keep)
 
-    def _write(self, step: int, out: Path) -> None:
+    def _write(self, step: int, out: Path, rng_states: list | None = None) -> None:
         t = self.t
         policy = t.actor.policy
         policy.save_pretrained(out / "policy", safe_serialization=True)
         save_file(_critic_state(t), str(out / "critic.safetensors"))
         save_optimizer_state(t.optim.optimizer, out / "optimizer")
         save_scheduler_state(t.optim.scheduler, out / "scheduler")
-        save_rng_state(out / "rng")
+        save_rng_state(out / "rng", rng_states)
         save_json(out / "trainer_state.json", {
             "step": step,
             "kl_controller": t.kl_ctl.state_dict(),
@@ -63,8 +63,9 @@ class PPOCheckpointer:
     def save(self, step: int) -> Path | None:
         """Main process writes checkpoint-`step`; every process waits for it."""
         path = None
+        rng_states = self.t.runtime.gather_object(get_rng_state())  # every rank's streams, written by the main one
         if self.t.runtime.is_main:
-            path = self.manager.save(step, lambda out: self._write(step, out))
+            path = self.manager.save(step, lambda out: self._write(step, out, rng_states))
         self.t.runtime.wait()
         return path
 
@@ -82,7 +83,7 @@ class PPOCheckpointer:
         module.load_state_dict(load_file(str(path / "critic.safetensors")))
         load_optimizer_state(t.optim.optimizer, path / "optimizer")
         load_scheduler_state(t.optim.scheduler, path / "scheduler")
-        load_rng_state(path / "rng")
+        load_rng_state(path / "rng", t.runtime.rank)
         t.kl_ctl.load_state_dict(state["kl_controller"])
         t.scorer.moments.load_state_dict(state["reward_moments"])
         t.optim.load_state_dict(state["optimization"])
