@@ -13,6 +13,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from ppolm.errors import ConfigError
+
 
 class Runtime:
     """Thin facade over `accelerate.Accelerator` with the few collective ops PPO needs."""
@@ -21,7 +23,9 @@ class Runtime:
         if not torch.cuda.is_available():
             # gloo on CPU: pin the loopback interface (interface auto-selection is flaky on some hosts)
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        refuse_fp16(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
         self.accelerator = Accelerator(cpu=bool(cpu) if cpu is not None else not torch.cuda.is_available())
+        refuse_fp16(str(self.accelerator.mixed_precision))
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +90,14 @@ class Runtime:
     def broadcast_flag(self, flag: bool) -> bool:
         """True on every process if it is True on any."""
         return bool(self.sum(1.0 if flag else 0.0) > 0)
+
+
+def refuse_fp16(mixed_precision: str) -> None:
+    """fp16 through accelerate scales the loss: the finiteness check and clipping in `Optimization.step` would
+    see scaled gradients and an overflow would count as a failed step, so it is refused (bf16 needs no scaler)."""
+    if mixed_precision == "fp16":
+        raise ConfigError("accelerate mixed_precision 'fp16' is not supported (loss scaling would defeat the "
+                          "gradient checks and clipping); use bf16 (`--mixed_precision bf16` or precision=bf16)")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -72,3 +72,21 @@ def test_accelerate_launch_ddp_equals_one_process_and_refuses_other_process_coun
     assert resumed.returncode == 2, resumed.stderr[-3000:]
     err = resumed.stderr.strip()
     assert err.count("\n") == 0 and "process count changed (2 -> 1)" in err, err
+
+
+def test_accelerate_fp16_is_refused_before_models_load_and_bf16_trains(tmp_path):
+    """accelerate's fp16 loss scaling would feed scaled gradients to the finiteness check and the clipping:
+    refused in one line (exit 2) before anything loads. bf16 is autocast only: it trains."""
+    args = ["ppo", "--config", "configs/tiny.yaml", *QUIET, "max_steps=2", "checkpoint.every=0"]
+    env = {**ENV, "ACCELERATE_MIXED_PRECISION": "fp16"}
+    fp16 = subprocess.run([sys.executable, "-m", "ppolm.cli", *args, f"output_dir={tmp_path / 'fp16'}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert fp16.returncode == 2
+    assert fp16.stderr.strip().count("\n") == 0 and "mixed_precision 'fp16'" in fp16.stderr
+    assert not (tmp_path / "fp16/config.yaml").exists()
+    env["ACCELERATE_MIXED_PRECISION"] = "bf16"
+    bf16 = subprocess.run([sys.executable, "-m", "ppolm.cli", *args, f"output_dir={tmp_path / 'bf16'}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert bf16.returncode == 0, bf16.stderr[-3000:]
+    last = metrics(tmp_path / "bf16")[-1]
+    assert last["optim/grad_norm"] > 0 and last["objective/kl"] == last["objective/kl"]  # finite, not NaN
