@@ -1,7 +1,7 @@
 """The one place that talks to accelerate: processes, devices, reductions, wrapping for data parallelism.
 
-One process or many (torchrun / accelerate launch; gloo on CPU, NCCL on GPU); FSDP and DeepSpeed are
-accelerate's own plugins, configured through `accelerate config` as usual.
+One process or many (`accelerate launch --config_file configs/accelerate/<file>.yaml` or torchrun; gloo on CPU,
+NCCL on GPU). DDP is accelerate's; FSDP2 sharding is done in `ppolm.fsdp` (requested by the same launcher).
 """
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from torch import nn
+
+from ppolm import fsdp
 from ppolm.errors import ConfigError
+from ppolm.fsdp import fsdp_requested
 
 
 class Runtime:
@@ -26,6 +30,8 @@ class Runtime:
         refuse_fp16(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
         self.accelerator = Accelerator(cpu=bool(cpu) if cpu is not None else not torch.cuda.is_available())
         refuse_fp16(str(self.accelerator.mixed_precision))
+        # FSDP2 sharding is ours (ppolm.fsdp), on CPU and GPU alike; one process has nothing to shard
+        self.fsdp = fsdp_requested() and self.world_size > 1
 
     @property
     def device(self) -> torch.device:
@@ -70,8 +76,14 @@ class Runtime:
 
         return gather_object([obj])
 
+    def shard(self, model: nn.Module | None) -> nn.Module | None:
+        """FSDP2-shard `model` in place when the launch asked for FSDP (before its optimizer is built)."""
+        return fsdp.shard(model) if self.fsdp and model is not None else model
+
     def prepare(self, *objs):
-        """Wrap models (DDP/FSDP) and optimizers for this process layout."""
+        """Wrap models (DDP) and optimizers for this process layout; FSDP2 models are already sharded."""
+        if self.fsdp:
+            return objs[0] if len(objs) == 1 else objs
         return self.accelerator.prepare(*objs)
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -82,7 +94,9 @@ class Runtime:
 
     def no_sync(self, model: torch.nn.Module, skip: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-        return self.accelerator.no_sync(model) if skip and self.distributed else contextlib.nullcontext()
+        if not skip or not self.distributed or self.fsdp:  # FSDP2 reduce-scatters every micro-batch
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(model)
 
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()

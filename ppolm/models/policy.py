@@ -79,12 +79,21 @@ def response_hidden(
     return out.hidden_states[-1][:, -R - 1 : -1]
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 root is resharded after a no-grad forward (reference, old log-probs): gather the head for it.
+    With grad the root stays unsharded until backward, so the weight is a plain tensor and its gradient
+    flows through FSDP's own reduce-scatter."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def lm_logits_fp32(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head in fp32 outside autocast: log-probs and ratios must not carry bf16 rounding."""
     head = model.get_output_embeddings()
     with torch.autocast(hidden.device.type, enabled=False):
-        weight = head.weight.float()
-        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+        weight = _full(head.weight).float()
+        bias = _full(head.bias).float() if getattr(head, "bias", None) is not None else None
         return nn.functional.linear(hidden.float(), weight, bias)
 
 
