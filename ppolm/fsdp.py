@@ -98,3 +98,25 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
             gathered[id(value)] = full.detach().cpu()
         out[name] = gathered[id(value)]
     return out
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's full state keyed by parameter name (a collective), as one process would hold it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
+                    optimizer_state: dict | None = None) -> None:
+    """Shard a full model (and optimizer) state, read by every process, back into the FSDP2 model: each process
+    keeps its own shard, so a resume at the same process count continues bit-exactly."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, model_state, options=options)
+    if optimizer is not None and optimizer_state is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,35 +45,72 @@ def max_weight_diff(a_dir: Path, b_dir: Path) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.slow
-def test_accelerate_launch_ddp_equals_one_process_and_refuses_other_process_count(tmp_path):
-    """Global batch 16: 2 processes x 8 rows (accelerate launch, DDP) vs 1 x 16; then resuming the 2-process
-    run's checkpoint in 1 process is refused in one line naming the process counts.
+COMMON = ["--config", "configs/tiny.yaml", *QUIET, "max_steps=4", "ppo.epochs=2", "checkpoint.every=2",
+          "checkpoint.keep=null"]
+TWO_PROCESSES = ["rollout.batch_size=8", "ppo.minibatch_size=8", "ppo.grad_accum_steps=2"]  # global batch 16
 
-    Tolerance: summation order differs across processes, so weights agree to 1e-3 after 4 steps, not bitwise.
-    """
-    common = ["--config", "configs/tiny.yaml", *QUIET, "max_steps=4", "ppo.epochs=2", "checkpoint.every=2"]
-    two = accelerate_launch("cpu-ddp-2.yaml", "ppo", *common, f"output_dir={tmp_path / 'two'}",
-                            "rollout.batch_size=8", "ppo.minibatch_size=8", "ppo.grad_accum_steps=2")
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("final: ") == 1  # printed by the main process only
-    assert (tmp_path / "two/checkpoint-4/rng-rank1.json").is_file()  # each rank's RNG streams
-    one = ppolm_cli("ppo", *common, f"output_dir={tmp_path / 'one'}", "rollout.batch_size=16",
-                    "ppo.minibatch_size=16")
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The 1-process run (16 rows a step) that 2 processes x 8 rows must reproduce."""
+    run_dir = tmp_path_factory.mktemp("launch") / "one"
+    one = ppolm_cli("ppo", *COMMON, f"output_dir={run_dir}", "rollout.batch_size=16", "ppo.minibatch_size=16")
     assert one.returncode == 0, one.stderr[-3000:]
-    assert max_weight_diff(tmp_path / "two/final", tmp_path / "one/final") < 1e-3
-    ma, mb = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    return run_dir
+
+
+def assert_same_run(two: Path, one: Path) -> None:
+    """Summation order differs across processes: weights agree to 1e-3 after 4 steps, metrics to rounding."""
+    assert max_weight_diff(two / "final", one / "final") < 1e-3
+    ma, mb = metrics(two), metrics(one)
     assert len(ma) == len(mb) == 4
     for x, y in zip(ma, mb):
         assert x["reward/mean"] == pytest.approx(y["reward/mean"], abs=1e-6)
-        assert x["loss/policy"] == pytest.approx(y["loss/policy"], rel=1e-3, abs=1e-5)
-        assert x["objective/kl"] == pytest.approx(y["objective/kl"], rel=1e-3, abs=1e-5)
+        for k in ("loss/policy", "objective/kl", "optim/grad_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-3, abs=1e-5), k
 
-    resumed = ppolm_cli("ppo", *common, f"output_dir={tmp_path / 'two'}", "rollout.batch_size=8",
-                        "ppo.minibatch_size=8", "ppo.grad_accum_steps=2", "max_steps=6", "resume=true")
+
+@pytest.mark.slow
+def test_accelerate_launch_ddp_equals_one_process_and_refuses_other_process_count(tmp_path, one_process):
+    """accelerate launch, DDP on 2 CPU processes = 1 process; resuming its checkpoint in 1 process is refused in
+    one line naming the process counts."""
+    two = accelerate_launch("cpu-ddp-2.yaml", "ppo", *COMMON, f"output_dir={tmp_path}", *TWO_PROCESSES)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("final: ") == 1  # printed by the main process only
+    assert (tmp_path / "checkpoint-4/rng-rank1.json").is_file()  # each rank's RNG streams
+    assert_same_run(tmp_path, one_process)
+
+    resumed = ppolm_cli("ppo", *COMMON, f"output_dir={tmp_path}", *TWO_PROCESSES, "max_steps=6", "resume=true")
     assert resumed.returncode == 2, resumed.stderr[-3000:]
     err = resumed.stderr.strip()
     assert err.count("\n") == 0 and "process count changed (2 -> 1)" in err, err
+
+
+@pytest.mark.slow
+def test_fsdp2_ppo_equals_one_process_resumes_exactly_and_exports_hf(tmp_path, one_process):
+    """FSDP2 on 2 CPU processes: sharded policy, reference and value head give the 1-process run; a run killed
+    after checkpoint-2 and resumed ends bitwise equal to the uninterrupted one; final/ is a plain HF directory."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    run = accelerate_launch("fsdp2-cpu.yaml", "ppo", *COMMON, f"output_dir={full}", *TWO_PROCESSES)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_run(full, one_process)
+
+    part.mkdir()  # what a kill -9 after checkpoint-2 leaves (log lines past it included)
+    shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
+    (part / "LATEST").write_text("checkpoint-2\n")
+    shutil.copy(full / "metrics.jsonl", part / "metrics.jsonl")
+    resumed = accelerate_launch("fsdp2-cpu.yaml", "ppo", *COMMON, f"output_dir={part}", *TWO_PROCESSES,
+                                "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from checkpoint-2" in resumed.stdout
+    for name in ("final/model.safetensors", "checkpoint-4/critic.safetensors", "checkpoint-4/optimizer.safetensors"):
+        a, b = load_file(full / name), load_file(part / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(full / "final")
+    saved = load_file(full / "final/model.safetensors")
+    assert torch.equal(model.get_input_embeddings().weight, saved["model.embed_tokens.weight"])
 
 
 def test_accelerate_fp16_is_refused_before_models_load_and_bf16_trains(tmp_path):

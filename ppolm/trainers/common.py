@@ -166,14 +166,16 @@ class RunCheckpointer:
 
 
 def export_model(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: str | Path, extra: dict[str, dict] | None = None
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: str | Path, extra: dict[str, dict] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """A plain HF model directory at `out`: LoRA merged into a copy (the trained model is left as it is),
-    safetensors weights, the tokenizer, and each `extra` {file name: JSON object} next to them."""
+    safetensors weights, the tokenizer, and each `extra` {file name: JSON object} next to them.
+    `state_dict`: the full weights gathered from an FSDP2-sharded `model` (ppolm.fsdp.full_state_dict)."""
     out = Path(out)
     if is_lora(model):
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     for name, obj in (extra or {}).items():
         save_json(out / name, obj)
