@@ -100,6 +100,14 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the parameters that train (a collective); the keys of `trainable_state`."""
+    from torch.distributed.tensor import DTensor
+
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's full state keyed by parameter name (a collective), as one process would hold it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict

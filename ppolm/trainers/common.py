@@ -27,12 +27,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ppolm.checkpoint import CheckpointManager
 from ppolm.config import LoraConfig, OptimConfig
 from ppolm.errors import CheckpointError
+from ppolm import fsdp
 from ppolm.logger import MetricsLogger
 from ppolm.models.policy import apply_lora, disable_dropout
 from ppolm.runtime import Runtime
 from ppolm.state_io import (
     get_rng_state, load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json,
-    save_optimizer_state, save_rng_state, save_scheduler_state,
+    load_state, save_optimizer_state, save_rng_state, save_scheduler_state, save_state,
 )
 from ppolm.trainers.resume import check_same_run, config_fingerprint
 from ppolm.update import Optimization
@@ -125,9 +126,13 @@ class RunCheckpointer:
         self.runtime, self.cfg, self.model, self.optim, self.data_fp = runtime, config, model, optim, data_fp
         self.manager = CheckpointManager(config.output_dir, keep=config.checkpoint.keep)
 
-    def _write(self, step: int, out: Path, rng_states: list | None = None) -> None:
-        save_file(trainable_state(self.model), str(out / "trainable.safetensors"))
-        save_optimizer_state(self.optim.optimizer, out / "optimizer")
+    def _write(self, step: int, out: Path, rng_states: list | None = None, full: tuple | None = None) -> None:
+        if full is not None:  # FSDP2: the full states every process gathered (same files as one process writes)
+            save_file(full[0], str(out / "trainable.safetensors"))
+            save_state(full[1], out / "optimizer", kind="optimizer")
+        else:
+            save_file(trainable_state(self.model), str(out / "trainable.safetensors"))
+            save_optimizer_state(self.optim.optimizer, out / "optimizer")
         save_scheduler_state(self.optim.scheduler, out / "scheduler")
         save_rng_state(out / "rng", rng_states)
         save_json(out / "trainer_state.json", {
@@ -139,8 +144,10 @@ class RunCheckpointer:
         """Main process writes checkpoint-`step`; every process waits for it."""
         path = None
         rng_states = self.runtime.gather_object(get_rng_state())  # every rank's streams, written by the main one
+        full = ((fsdp.full_trainable_state(self.model), fsdp.full_optimizer_state(self.model, self.optim.optimizer))
+                if self.runtime.fsdp else None)
         if self.runtime.is_main:
-            path = self.manager.save(step, lambda out: self._write(step, out, rng_states))
+            path = self.manager.save(step, lambda out: self._write(step, out, rng_states, full))
         self.runtime.wait()
         return path
 
@@ -152,8 +159,12 @@ class RunCheckpointer:
             return 0
         state = load_json(path / "trainer_state.json")
         self._check_same_run(state, path)
-        load_trainable_state(self.model, load_file(str(path / "trainable.safetensors")), path)
-        load_optimizer_state(self.optim.optimizer, path / "optimizer")
+        if self.runtime.fsdp:
+            fsdp.load_full_state(self.model, self.optim.optimizer, load_file(str(path / "trainable.safetensors")),
+                                 load_state(path / "optimizer", kind="optimizer"))
+        else:
+            load_trainable_state(self.model, load_file(str(path / "trainable.safetensors")), path)
+            load_optimizer_state(self.optim.optimizer, path / "optimizer")
         load_scheduler_state(self.optim.scheduler, path / "scheduler")
         load_rng_state(path / "rng", self.runtime.rank)
         self.optim.load_state_dict(state["optimization"])
