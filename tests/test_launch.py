@@ -129,3 +129,40 @@ def test_accelerate_fp16_is_refused_before_models_load_and_bf16_trains(tmp_path)
     assert bf16.returncode == 0, bf16.stderr[-3000:]
     last = metrics(tmp_path / "bf16")[-1]
     assert last["optim/grad_norm"] > 0 and last["objective/kl"] == last["objective/kl"]  # finite, not NaN
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, config, one_rows, extra", [
+    ("sft", "configs/sft-tiny.yaml", "batch_size=8", ["eval_every=2"]),
+    ("rm", "configs/rm-tiny.yaml", "batch_size=16", ["eval_every=2"]),
+])
+def test_fsdp2_sft_and_rm_equal_one_process_and_resume_exactly(tmp_path, kind, config, one_rows, extra):
+    """SFT and reward-model training sharded over 2 CPU processes = 1 process (global batch equal); resumed
+    from checkpoint-2 they end bitwise equal to the uninterrupted run; final/ loads as an HF model."""
+    common = ["--config", config, *QUIET, "max_steps=4", "checkpoint.every=2", "checkpoint.keep=null", *extra]
+    two_rows = f"batch_size={int(one_rows.split('=')[1]) // 2}"
+    one = ppolm_cli(kind, *common, f"output_dir={tmp_path / 'one'}", one_rows)
+    assert one.returncode == 0, one.stderr[-3000:]
+    full = accelerate_launch("fsdp2-cpu.yaml", kind, *common, f"output_dir={tmp_path / 'full'}", two_rows)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert max_weight_diff(tmp_path / "full/final", tmp_path / "one/final") < 1e-4
+    loss = f"loss/{kind}"
+    for x, y in zip(metrics(tmp_path / "full"), metrics(tmp_path / "one"), strict=True):
+        assert x[loss] == pytest.approx(y[loss], rel=1e-4)
+        assert x["optim/grad_norm"] == pytest.approx(y["optim/grad_norm"], rel=1e-4)
+        if "eval/loss" in y:
+            assert x["eval/loss"] == pytest.approx(y["eval/loss"], rel=1e-4)
+
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(tmp_path / "full/checkpoint-2", part / "checkpoint-2")
+    (part / "LATEST").write_text("checkpoint-2\n")
+    resumed = accelerate_launch("fsdp2-cpu.yaml", kind, *common, f"output_dir={part}", two_rows, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_file(tmp_path / "full/final/model.safetensors"), load_file(part / "final/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if kind == "sft":
+        from transformers import AutoModelForCausalLM
+
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(part / "final").get_input_embeddings().weight,
+                           b["model.embed_tokens.weight"])
