@@ -6,17 +6,16 @@ sets ACCELERATE_USE_FSDP / FSDP_VERSION). The sharding is done here and not by `
 accelerate only enables FSDP on accelerators (a CPU run would silently fall back to DDP) and because the
 optimizer must be built on the sharded parameters, which `prepare` would swap after the fact.
 
-Layout: every transformer block (each model's `_no_split_modules` classes) is its own FSDP unit, the rest of a
-model tree (embeddings, final norm, LM head, value head) is the root unit. FSDP2 keeps the root unsharded from
-its forward until the end of backward, which is what lets `lm_logits_fp32` read the LM head's weight right
-after the backbone forward, and lets its gradient be reduce-scattered with the rest of the root.
+Layout: every transformer block (each model's `_no_split_modules` classes) is its own FSDP unit; so is each HF
+model below the root (the policy, a critic backbone, the LM of SFT), holding its embeddings, final norm and LM
+head, so that `generate` or an evaluation can call it directly; the root holds the rest (a value head). An HF
+model's unit stays gathered from its forward until its backward, which is what lets `lm_logits_fp32` read
+the LM head's weight right after the backbone forward, with its gradient reduce-scattered by FSDP as usual.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -43,38 +42,57 @@ def block_classes(model: nn.Module) -> set[type]:
 
 
 def shard(model: nn.Module, reshard_after_forward: bool = True) -> nn.Module:
-    """fully_shard each transformer block, then the root; in place (parameters become DTensors)."""
+    """fully_shard each transformer block, each outermost HF model below the root, then the root; in place
+    (parameters become DTensors). Refuses LoRA (peft) models in one line."""
     from torch.distributed.fsdp import fully_shard
 
+    if any(hasattr(m, "peft_config") for m in model.modules()):
+        raise ConfigError("lora.enabled with FSDP is not supported; use the DDP launch config "
+                          "(configs/accelerate/cpu-ddp-2.yaml) or full fine-tuning")
     classes = block_classes(model)
     for m in list(model.modules()):
         if m is not model and type(m) in classes:
             fully_shard(m, reshard_after_forward=reshard_after_forward)
+    for m in _outermost_hf_models(model):
+        # kept gathered from its forward to its backward: the LM head is read right after the forward
+        fully_shard(m, reshard_after_forward=False)
     fully_shard(model, reshard_after_forward=reshard_after_forward)
+    # A unit's first forward links it to its root lazily; rollout and evaluation call the policy before any
+    # forward of the root, so link now (what the root's first forward would do; idempotent).
+    model._get_fsdp_state()._lazy_init()
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
+def _outermost_hf_models(model: nn.Module) -> list[nn.Module]:
+    """The HF models inside `model` (not `model` itself) that no other HF model below `model` contains: the
+    policy and critic backbone of an ActorCritic, the LM of an SFT scorer. An HF model is called directly
+    (generate, the critic) so it must gather its own embeddings and head."""
+    from transformers import PreTrainedModel
+
+    found: list[nn.Module] = []
+    if isinstance(model, PreTrainedModel):  # its inner base model may share tied weights with its head
+        return found
+
+    def walk(m: nn.Module) -> None:
+        for child in m.children():
+            if isinstance(child, PreTrainedModel):
+                found.append(child)
+            else:
+                walk(child)
+
+    walk(model)
+    return found
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every unit of `model` back to its shards. An HF model's unit stays gathered after a no-grad forward
+    (rollout, evaluation) until its next backward; the state-dict code must see the sharded parameters that
+    the optimizer holds, and the gathered copy is memory the rest of the step can use."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule)
-
-
-@contextlib.contextmanager
-def unsharded_root(model: nn.Module) -> Iterator[None]:
-    """Gather the root unit's parameters (embeddings, LM head...) for calls that bypass the root's forward,
-    such as `generate` on the policy inside the actor; the blocks gather themselves in their own forward."""
-    if not is_sharded(model):
-        yield
-        return
-    # The blocks' hooks must see this root as their root; that link is made lazily by the root's first forward,
-    # which a rollout may precede, so make it now (what that forward would do; idempotent).
-    model._get_fsdp_state()._lazy_init()
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -90,6 +108,7 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     Tied weights stay one tensor, so save_pretrained still sees them as tied."""
     from torch.distributed.tensor import DTensor
 
+    reshard(module)
     gathered: dict[int, torch.Tensor] = {}
     out = {}
     for name, value in module.state_dict(keep_vars=True).items():
@@ -104,6 +123,7 @@ def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full CPU copies of the parameters that train (a collective); the keys of `trainable_state`."""
     from torch.distributed.tensor import DTensor
 
+    reshard(model)
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
             for n, p in model.named_parameters() if p.requires_grad}
 
@@ -112,6 +132,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     """The optimizer's full state keyed by parameter name (a collective), as one process would hold it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    reshard(model)
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                cpu_offload=True))
 
@@ -125,6 +146,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, m
     )
 
     options = StateDictOptions(full_state_dict=True, strict=False)
+    reshard(model)
     set_model_state_dict(model, model_state, options=options)
     if optimizer is not None and optimizer_state is not None:
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

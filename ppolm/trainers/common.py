@@ -144,7 +144,9 @@ class RunCheckpointer:
         """Main process writes checkpoint-`step`; every process waits for it."""
         path = None
         rng_states = self.runtime.gather_object(get_rng_state())  # every rank's streams, written by the main one
-        full = ((fsdp.full_trainable_state(self.model), fsdp.full_optimizer_state(self.model, self.optim.optimizer))
+        # the optimizer's state is named from the FSDP root (self.optim.model), the weights from self.model
+        full = ((fsdp.full_trainable_state(self.model), fsdp.full_optimizer_state(self.optim.model,
+                                                                                   self.optim.optimizer))
                 if self.runtime.fsdp else None)
         if self.runtime.is_main:
             path = self.manager.save(step, lambda out: self._write(step, out, rng_states, full))
@@ -160,8 +162,10 @@ class RunCheckpointer:
         state = load_json(path / "trainer_state.json")
         self._check_same_run(state, path)
         if self.runtime.fsdp:
-            fsdp.load_full_state(self.model, self.optim.optimizer, load_file(str(path / "trainable.safetensors")),
-                                 load_state(path / "optimizer", kind="optimizer"))
+            root = self.optim.model
+            prefix = next(f"{n}." if n else "" for n, m in root.named_modules() if m is self.model)
+            weights = {prefix + k: v for k, v in load_file(str(path / "trainable.safetensors")).items()}
+            fsdp.load_full_state(root, self.optim.optimizer, weights, load_state(path / "optimizer", kind="optimizer"))
         else:
             load_trainable_state(self.model, load_file(str(path / "trainable.safetensors")), path)
             load_optimizer_state(self.optim.optimizer, path / "optimizer")

@@ -22,7 +22,6 @@ from ppolm.algo.kl import make_kl_controller
 from ppolm.algo.losses import entropy_bonus, explained_variance, policy_loss, value_loss
 from ppolm.config import PPORunConfig, save_config
 from ppolm.data.collate import left_pad_collate
-from ppolm.fsdp import unsharded_root
 from ppolm.logger import MetricsLogger
 from ppolm.models import load_model, load_tokenizer
 from ppolm.ops import masked_mean
@@ -139,13 +138,12 @@ class PPOTrainer:
         policy = self.actor.policy
         was_training = policy.training
         policy.eval()
-        with unsharded_root(self.actor):  # FSDP2: generate bypasses the actor's forward, which would gather
-            out = generate(
-                policy, self.tokenizer, ids.to(self.runtime.device), mask.to(self.runtime.device), uniforms,
-                max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
-                top_k=r.top_k, top_p=r.top_p,
-                stop=r.stop, autocast_dtype=self.amp, prompts=[self.prompts.texts[i] for i in idx],
-            )
+        out = generate(
+            policy, self.tokenizer, ids.to(self.runtime.device), mask.to(self.runtime.device), uniforms,
+            max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
+            top_k=r.top_k, top_p=r.top_p,
+            stop=r.stop, autocast_dtype=self.amp, prompts=[self.prompts.texts[i] for i in idx],
+        )
         policy.train(was_training)
         return out, [self.prompts.examples[i] for i in idx], idx
 
