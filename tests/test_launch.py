@@ -113,6 +113,26 @@ def test_fsdp2_ppo_equals_one_process_resumes_exactly_and_exports_hf(tmp_path, o
     assert torch.equal(model.get_input_embeddings().weight, saved["model.embed_tokens.weight"])
 
 
+@pytest.mark.slow
+def test_two_machines_on_loopback_equal_one_process(tmp_path, one_process):
+    """The multi-node recipe on one host: two `accelerate launch --machine_rank R` commands (1 process each),
+    machine 0 on the loopback address, train as one 2-process run."""
+    port = str(free_port())
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/two-machines.yaml",
+           "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--machine_rank"]
+    args = ["-m", "ppolm.cli", "ppo", *COMMON, f"output_dir={tmp_path}", *TWO_PROCESSES]
+    machines = [subprocess.Popen([*cmd, str(rank), *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        outs = [m.communicate(timeout=300) for m in machines]
+    finally:
+        for m in machines:
+            if m.poll() is None:
+                m.kill()
+    assert [m.returncode for m in machines] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert_same_run(tmp_path, one_process)
+
+
 def test_accelerate_fp16_is_refused_before_models_load_and_bf16_trains(tmp_path):
     """accelerate's fp16 loss scaling would feed scaled gradients to the finiteness check and the clipping:
     refused in one line (exit 2) before anything loads. bf16 is autocast only: it trains."""
