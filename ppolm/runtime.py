@@ -28,6 +28,11 @@ class Runtime:
             # gloo on CPU: pin the loopback interface (interface auto-selection is flaky on some hosts)
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         refuse_fp16(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            # the DeepSpeed engine owns backward, clipping and the step: the guarded step here would see no
+            # gradients (ZeRO partitions them) and report a zero norm, so it is refused rather than wrong
+            raise ConfigError("DeepSpeed launches are not supported yet; shard with FSDP2 instead "
+                              "(accelerate launch --config_file configs/accelerate/fsdp2-cpu.yaml ...)")
         self.accelerator = Accelerator(cpu=bool(cpu) if cpu is not None else not torch.cuda.is_available())
         refuse_fp16(str(self.accelerator.mixed_precision))
         # FSDP2 sharding is ours (ppolm.fsdp), on CPU and GPU alike; one process has nothing to shard

@@ -133,10 +133,14 @@ def test_two_machines_on_loopback_equal_one_process(tmp_path, one_process):
     assert_same_run(tmp_path, one_process)
 
 
-def test_accelerate_fp16_is_refused_before_models_load_and_bf16_trains(tmp_path):
-    """accelerate's fp16 loss scaling would feed scaled gradients to the finiteness check and the clipping:
-    refused in one line (exit 2) before anything loads. bf16 is autocast only: it trains."""
+def test_accelerate_fp16_and_deepspeed_are_refused_before_models_load_and_bf16_trains(tmp_path):
+    """accelerate's fp16 loss scaling would feed scaled gradients to the finiteness check and the clipping, and
+    a DeepSpeed engine would hide the gradients from it: both refused in one line (exit 2) before anything
+    loads. bf16 is autocast only: it trains."""
     args = ["ppo", "--config", "configs/tiny.yaml", *QUIET, "max_steps=2", "checkpoint.every=0"]
+    deepspeed = subprocess.run([sys.executable, "-m", "ppolm.cli", *args, f"output_dir={tmp_path / 'ds'}"], cwd=ROOT,
+                               env={**ENV, "ACCELERATE_USE_DEEPSPEED": "true"}, capture_output=True, text=True)
+    assert deepspeed.returncode == 2 and "DeepSpeed launches are not supported" in deepspeed.stderr
     env = {**ENV, "ACCELERATE_MIXED_PRECISION": "fp16"}
     fp16 = subprocess.run([sys.executable, "-m", "ppolm.cli", *args, f"output_dir={tmp_path / 'fp16'}"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
