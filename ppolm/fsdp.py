@@ -103,33 +103,49 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+def _is_main() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every process gathers the full (unsharded) CPU state dict of `module`: a collective, call it on all ranks.
-    Tied weights stay one tensor, so save_pretrained still sees them as tied."""
+    """The full (unsharded) CPU state dict of `module` on the main process, {} on the others (which only
+    take part in the gathers: a collective, call it on every process). Tied weights stay one tensor, so
+    save_pretrained still sees them as tied."""
     from torch.distributed.tensor import DTensor
 
     reshard(module)
-    gathered: dict[int, torch.Tensor] = {}
+    keep = _is_main()
+    gathered: dict[int, torch.Tensor | None] = {}  # by identity: a tied weight is gathered once, on every process
     out = {}
     for name, value in module.state_dict(keep_vars=True).items():
         if id(value) not in gathered:
             full = value.full_tensor() if isinstance(value, DTensor) else value
-            gathered[id(value)] = full.detach().cpu()
-        out[name] = gathered[id(value)]
+            # one tensor at a time: the other processes never hold the full model
+            gathered[id(value)] = full.detach().cpu() if keep else None
+        if keep:
+            out[name] = gathered[id(value)]
     return out
 
 
 def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full CPU copies of the parameters that train (a collective); the keys of `trainable_state`."""
+    """Full CPU copies of the parameters that train on the main process, {} on the others (a collective);
+    the keys of `trainable_state`."""
     from torch.distributed.tensor import DTensor
 
     reshard(model)
-    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
-            for n, p in model.named_parameters() if p.requires_grad}
+    keep = _is_main()
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            full = (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+            if keep:
+                out[n] = full
+    return out
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's full state keyed by parameter name (a collective), as one process would hold it."""
+    """The optimizer's full state keyed by parameter name, as one process would hold it, on the main process
+    (cpu_offload: the others end with an empty state; a collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     reshard(model)

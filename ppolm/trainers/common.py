@@ -5,9 +5,10 @@ and the step loop itself.
 A checkpoint of these trainers (checkpoint-N/, written crash-safely by CheckpointManager) holds:
   trainable.safetensors  the trainable parameters only (all weights, or LoRA adapters + a reward head)
   optimizer.*            AdamW state (safetensors + json, no pickle); scheduler.* likewise
-  rng.*                  python / numpy / torch RNG states
+  rng.*, rng-rank<r>.*   python / numpy / torch RNG states of each process
   trainer_state.json     step, optimizer counters, config and data fingerprints, process count
 Frozen weights are not saved: they are rebuilt from the source model, which the config fingerprint pins.
+Under FSDP2 the same files are written, from the full states gathered to the main process.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ checkpoint-N/ (written crash-safely by CheckpointManager):
   policy/            HF model directory (safetensors; adapter only with LoRA)
   critic.safetensors value head or separate critic weights
   optimizer.*        AdamW state (safetensors + json, no pickle); scheduler.* likewise
-  rng.*              python / numpy / torch RNG states
+  rng.*, rng-rank<r>.* python / numpy / torch RNG states of each process
   trainer_state.json step, KL controller, reward moments, optimizer counters, data position, fingerprints
 """
 
@@ -97,8 +97,9 @@ class PPOCheckpointer:
         state = load_json(path / "trainer_state.json")
         self._check_same_run(state, path)
         if t.runtime.fsdp:
+            critic = load_file(str(path / "critic.safetensors"))
             model_state = {f"policy.{k}": v for k, v in load_file(str(path / "policy/model.safetensors")).items()}
-            model_state.update({_critic_prefix(t) + k: v for k, v in load_file(str(path / "critic.safetensors")).items()})
+            model_state.update({_critic_prefix(t) + k: v for k, v in critic.items()})
             fsdp.load_full_state(t.actor, t.optim.optimizer, model_state,
                                  load_state(path / "optimizer", kind="optimizer"))
         else:

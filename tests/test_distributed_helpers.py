@@ -1,4 +1,5 @@
-"""FSDP2 helpers that need no process group: which modules become units, the norm, the launcher's request."""
+"""Helpers of multi-process runs that need no process group: FSDP2 units, the norm, the launcher's request, the
+conversion lock of the embedded model."""
 
 import pytest
 import torch
@@ -32,3 +33,31 @@ def test_fsdp_request_from_the_launcher(monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ConfigError, match="fsdp_version: 2"):
         fsdp_requested()
+
+
+def test_processes_starting_on_a_fresh_cache_convert_the_embedded_model_once(tmp_path, monkeypatch):
+    """Every process of a launch calls ensure_embedded; the file lock lets one convert while the others wait
+    and then find the finished directory (each used to rmtree + rename the other's work)."""
+    import threading
+    import time
+
+    from ppolm.models import load
+
+    monkeypatch.setenv("PPOLM_CACHE", str(tmp_path))
+    calls = []
+
+    def slow_convert(target):
+        calls.append(target)
+        time.sleep(0.3)  # long enough for the other caller to arrive while this one converts
+        target.mkdir(parents=True)
+        (target / load.CONVERTED_MARKER).write_text("{}\n")
+
+    monkeypatch.setattr(load, "_convert_embedded", slow_convert)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(load.ensure_embedded())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+    assert (results[0] / load.CONVERTED_MARKER).is_file()
