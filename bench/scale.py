@@ -1,12 +1,18 @@
 """Peak memory per process and tokens/s of PPO on SmolLM2-135M: 1 process, 2-process DDP, 2-process FSDP2 (CPU).
 
-    python bench/scale.py [--model smollm2-135m-instruct] [--steps 3]
+    python bench/scale.py [--model smollm2-135m-instruct] [--steps 3] [--mmap-threshold 65536]
 
 Same global batch in every layout (8 prompts a step: 8 on one process, 4 on each of two), fp32, the
 smollm2-ppo recipe without held-out evaluation or checkpoints. Each process runs the trainer's steps itself
 and reports its peak resident memory (ru_maxrss, which includes the ~0.5 GB of imported libraries) and the
 global tokens/s of its steps after the first; the table prints the largest peak over the processes.
 Two-process layouts use the shipped accelerate configs (configs/accelerate/cpu-ddp-2.yaml, fsdp2-cpu.yaml).
+
+--mmap-threshold sets glibc's MALLOC_MMAP_THRESHOLD_ in every process (0: glibc's default). By default glibc
+raises that threshold after the first large frees, and from then on keeps freed blocks of a few MB in its heap
+instead of returning them: FSDP2 allocates and frees every block's gathered weights many times a step, so
+with the default the peak RSS counts freed gather buffers, not live tensors. A fixed threshold makes large
+blocks go back to the OS when freed, in every layout alike.
 """
 
 from __future__ import annotations
@@ -44,9 +50,11 @@ def worker(out: Path, overrides: list[str]) -> None:
     (out / f"bench-rank{rank}.json").write_text(json.dumps({"peak_mb": peak_mb, "tokens_per_s": rates[1:] or rates}))
 
 
-def run_layout(config: str | None, rows: int, model: str, steps: int, out: Path) -> dict:
+def run_layout(config: str | None, rows: int, model: str, steps: int, out: Path, mmap_threshold: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "PPOLM_BENCH_STEPS": str(steps),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     args = [str(Path(__file__).resolve()), "--worker", str(out), f"model={model}", f"rollout.batch_size={rows}",
             f"ppo.minibatch_size={rows}"]
     if config is None:
@@ -72,13 +80,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--mmap-threshold", type=int, default=65536, help="MALLOC_MMAP_THRESHOLD_; 0: glibc default")
     a = ap.parse_args()
     results = {}
+    print(f"{a.model}, {a.steps} steps, 8 prompts a step, fp32, MALLOC_MMAP_THRESHOLD_={a.mmap_threshold or 'default'}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, config, rows in LAYOUTS:
             out = Path(tmp) / name.replace(" ", "-")
             out.mkdir()
-            results[name] = run_layout(config, rows, a.model, a.steps, out)
+            results[name] = run_layout(config, rows, a.model, a.steps, out, a.mmap_threshold)
             r = results[name]
             print(f"{name:16s} processes={r['processes']} peak/process={r['peak_mb']:.0f} MB "
                   f"tokens/s={r['tokens_per_s']:.1f}", flush=True)
