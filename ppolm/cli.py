@@ -114,7 +114,7 @@ def _run_config_command(args: argparse.Namespace) -> int:
     result = _load(fn_path)(cfg)
     if isinstance(result, dict):
         headline = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-        if headline:
+        if headline and os.environ.get("RANK", "0") == "0":  # once per launch, not once per process
             print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in list(headline.items())[:8]))
     return 0
 

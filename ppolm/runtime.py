@@ -1,7 +1,7 @@
 """The one place that talks to accelerate: processes, devices, reductions, wrapping for data parallelism.
 
-One process or many (torchrun / accelerate launch; gloo on CPU, NCCL on GPU); FSDP and DeepSpeed are
-accelerate's own plugins, configured through `accelerate config` as usual.
+One process or many (`accelerate launch --config_file configs/accelerate/<file>.yaml` or torchrun; gloo on CPU,
+NCCL on GPU). DDP is accelerate's; FSDP2 sharding is done in `ppolm.fsdp` (requested by the same launcher).
 """
 
 from __future__ import annotations
@@ -13,6 +13,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from torch import nn
+
+from ppolm import fsdp
+from ppolm.errors import ConfigError
+from ppolm.fsdp import fsdp_requested
+
 
 class Runtime:
     """Thin facade over `accelerate.Accelerator` with the few collective ops PPO needs."""
@@ -21,7 +27,16 @@ class Runtime:
         if not torch.cuda.is_available():
             # gloo on CPU: pin the loopback interface (interface auto-selection is flaky on some hosts)
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        refuse_fp16(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            # the DeepSpeed engine owns backward, clipping and the step: the guarded step here would see no
+            # gradients (ZeRO partitions them) and report a zero norm, so it is refused rather than wrong
+            raise ConfigError("DeepSpeed launches are not supported yet; shard with FSDP2 instead "
+                              "(accelerate launch --config_file configs/accelerate/fsdp2-cpu.yaml ...)")
         self.accelerator = Accelerator(cpu=bool(cpu) if cpu is not None else not torch.cuda.is_available())
+        refuse_fp16(str(self.accelerator.mixed_precision))
+        # FSDP2 sharding is ours (ppolm.fsdp), on CPU and GPU alike; one process has nothing to shard
+        self.fsdp = fsdp_requested() and self.world_size > 1
 
     @property
     def device(self) -> torch.device:
@@ -58,8 +73,22 @@ class Runtime:
 
         return torch.tensor(gather_object(values.detach().cpu().tolist()), dtype=values.dtype)
 
+    def gather_object(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every process (pickled; for small states such as RNG)."""
+        if not self.distributed:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+    def shard(self, model: nn.Module | None) -> nn.Module | None:
+        """FSDP2-shard `model` in place when the launch asked for FSDP (before its optimizer is built)."""
+        return fsdp.shard(model) if self.fsdp and model is not None else model
+
     def prepare(self, *objs):
-        """Wrap models (DDP/FSDP) and optimizers for this process layout."""
+        """Wrap models (DDP) and optimizers for this process layout; FSDP2 models are already sharded."""
+        if self.fsdp:
+            return objs[0] if len(objs) == 1 else objs
         return self.accelerator.prepare(*objs)
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -70,7 +99,9 @@ class Runtime:
 
     def no_sync(self, model: torch.nn.Module, skip: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-        return self.accelerator.no_sync(model) if skip and self.distributed else contextlib.nullcontext()
+        if not skip or not self.distributed or self.fsdp:  # FSDP2 reduce-scatters every micro-batch
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(model)
 
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -78,6 +109,14 @@ class Runtime:
     def broadcast_flag(self, flag: bool) -> bool:
         """True on every process if it is True on any."""
         return bool(self.sum(1.0 if flag else 0.0) > 0)
+
+
+def refuse_fp16(mixed_precision: str) -> None:
+    """fp16 through accelerate scales the loss: the finiteness check and clipping in `Optimization.step` would
+    see scaled gradients and an overflow would count as a failed step, so it is refused (bf16 needs no scaler)."""
+    if mixed_precision == "fp16":
+        raise ConfigError("accelerate mixed_precision 'fp16' is not supported (loss scaling would defeat the "
+                          "gradient checks and clipping); use bf16 (`--mixed_precision bf16` or precision=bf16)")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -369,14 +369,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
         raise CheckpointError(f"RNG state is incomplete or malformed ({type(e).__name__}: {e})") from None
 
 
-def save_rng_state(path_prefix: str | Path) -> None:
-    """Save :func:`get_rng_state` as ``<prefix>.safetensors`` (torch/CUDA bytes) + ``<prefix>.json``."""
-    save_state(get_rng_state(), path_prefix, kind="rng")
+def save_rng_state(path_prefix: str | Path, states: list[dict[str, Any]] | None = None) -> None:
+    """Save :func:`get_rng_state` as ``<prefix>.safetensors`` (torch/CUDA bytes) + ``<prefix>.json``.
+
+    `states`: every process's state in rank order (gathered by the caller); rank 0's goes to ``<prefix>``,
+    rank r's to ``<prefix>-rank<r>``, so each process of a resumed multi-process run continues its own streams.
+    """
+    states = states or [get_rng_state()]
+    for rank, state in enumerate(states):
+        save_state(state, path_prefix if rank == 0 else f"{path_prefix}-rank{rank}", kind="rng")
 
 
-def load_rng_state(path_prefix: str | Path) -> None:
-    """Load and apply RNG state written by :func:`save_rng_state`."""
-    set_rng_state(load_state(path_prefix, kind="rng"))
+def load_rng_state(path_prefix: str | Path, rank: int = 0) -> None:
+    """Load and apply this process's RNG state written by :func:`save_rng_state` (checkpoints written before
+    per-rank states existed hold only rank 0's, which every process then takes, as they used to)."""
+    own = f"{path_prefix}-rank{rank}"
+    use_own = rank > 0 and Path(own + ".json").is_file()
+    set_rng_state(load_state(own if use_own else path_prefix, kind="rng"))
 
 
 __all__: list[str] = [

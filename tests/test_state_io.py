@@ -177,6 +177,29 @@ def test_rng_restore_continues_streams(tmp_path: Path) -> None:
     assert np.array_equal(got[3], expected[3])
 
 
+def test_rng_states_per_rank(tmp_path: Path) -> None:
+    """Each process resumes its own streams; an old checkpoint (rank 0's state only) serves every rank."""
+    states = []
+    for seed in (1, 2):  # what rank 0 and rank 1 would hold
+        torch.manual_seed(seed)
+        states.append(get_rng_state())
+    save_rng_state(tmp_path / "rng", states)
+    assert (tmp_path / "rng.json").is_file() and (tmp_path / "rng-rank1.json").is_file()
+    for rank, seed in ((0, 1), (1, 2)):
+        torch.manual_seed(99)
+        load_rng_state(tmp_path / "rng", rank)
+        torch.manual_seed(seed)
+        expected = torch.rand(3)
+        torch.manual_seed(99)
+        load_rng_state(tmp_path / "rng", rank)
+        assert torch.equal(torch.rand(3), expected)
+    save_rng_state(tmp_path / "old")
+    load_rng_state(tmp_path / "old", rank=3)  # no rank file: rank 0's state
+    a = torch.rand(2)
+    load_rng_state(tmp_path / "old", rank=0)
+    assert torch.equal(torch.rand(2), a)
+
+
 def test_rng_state_in_memory_and_malformed() -> None:
     state = get_rng_state()
     assert state["torch"].dtype == torch.uint8 and len(state["numpy"]["keys"]) == 624

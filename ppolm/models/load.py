@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -97,6 +98,17 @@ def ensure_embedded() -> Path:
     target = Path(resolve(EMBEDDED).path)
     if (target / CONVERTED_MARKER).is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Processes of one launch (or two runs) starting on a fresh cache would each rmtree + rename the target
+    # under the other's feet: one converts while the others wait, then find the marker and return.
+    with FileLock(str(target.with_name(target.name + ".lock"))):
+        if (target / CONVERTED_MARKER).is_file():
+            return target
+        _convert_embedded(target)
+    return target
+
+
+def _convert_embedded(target: Path) -> None:
     gguf = embedded_gguf()
     folder, fname = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
@@ -117,7 +129,6 @@ def ensure_embedded() -> Path:
     (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": GGUF_FILE, "format": 1}) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-    return target
 
 
 def _dtype(precision: str) -> torch.dtype:

@@ -109,6 +109,13 @@ def final_logit_transform(config, logits: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 root is resharded after a no-grad forward (reference, old log-probs): gather the head for it.
+    With grad the root stays unsharded until backward, so the weight is a plain tensor and its gradient
+    flows through FSDP's own reduce-scatter."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def lm_logits_fp32(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
@@ -116,8 +123,8 @@ def lm_logits_fp32(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor
     final-logit transforms (scaling, softcapping) are applied, so these are the logits the sampler saw."""
     head = model.get_output_embeddings()
     with torch.autocast(hidden.device.type, enabled=False):
-        weight = head.weight.float()
-        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+        weight = _full(head.weight).float()
+        bias = _full(head.bias).float() if getattr(head, "bias", None) is not None else None
         return final_logit_transform(model.config, nn.functional.linear(hidden.float(), weight, bias))
 
 

@@ -5,9 +5,10 @@ and the step loop itself.
 A checkpoint of these trainers (checkpoint-N/, written crash-safely by CheckpointManager) holds:
   trainable.safetensors  the trainable parameters only (all weights, or LoRA adapters + a reward head)
   optimizer.*            AdamW state (safetensors + json, no pickle); scheduler.* likewise
-  rng.*                  python / numpy / torch RNG states
+  rng.*, rng-rank<r>.*   python / numpy / torch RNG states of each process
   trainer_state.json     step, optimizer counters, config and data fingerprints, process count
 Frozen weights are not saved: they are rebuilt from the source model, which the config fingerprint pins.
+Under FSDP2 the same files are written, from the full states gathered to the main process.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ppolm.checkpoint import CheckpointManager
 from ppolm.config import LoraConfig, OptimConfig
 from ppolm.errors import CheckpointError
+from ppolm import fsdp
 from ppolm.logger import MetricsLogger
 from ppolm.models.policy import apply_lora, disable_dropout
 from ppolm.runtime import Runtime
 from ppolm.state_io import (
-    atomic_directory, load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json,
-    save_optimizer_state, save_rng_state, save_scheduler_state,
+    atomic_directory, get_rng_state, load_json, load_optimizer_state, load_rng_state, load_scheduler_state,
+    load_state, save_json, save_optimizer_state, save_rng_state, save_scheduler_state, save_state,
 )
 from ppolm.trainers.resume import check_same_run, config_fingerprint
 from ppolm.trainers.run_dir import StopSignals
@@ -126,11 +128,15 @@ class RunCheckpointer:
         self.runtime, self.cfg, self.model, self.optim, self.data_fp = runtime, config, model, optim, data_fp
         self.manager = CheckpointManager(config.output_dir, keep=config.checkpoint.keep)
 
-    def _write(self, step: int, out: Path) -> None:
-        save_file(trainable_state(self.model), str(out / "trainable.safetensors"))
-        save_optimizer_state(self.optim.optimizer, out / "optimizer")
+    def _write(self, step: int, out: Path, rng_states: list | None = None, full: tuple | None = None) -> None:
+        if full is not None:  # FSDP2: the full states every process gathered (same files as one process writes)
+            save_file(full[0], str(out / "trainable.safetensors"))
+            save_state(full[1], out / "optimizer", kind="optimizer")
+        else:
+            save_file(trainable_state(self.model), str(out / "trainable.safetensors"))
+            save_optimizer_state(self.optim.optimizer, out / "optimizer")
         save_scheduler_state(self.optim.scheduler, out / "scheduler")
-        save_rng_state(out / "rng")
+        save_rng_state(out / "rng", rng_states)
         save_json(out / "trainer_state.json", {
             "step": step, "optimization": self.optim.state_dict(), "world_size": self.runtime.world_size,
             "config": config_fingerprint(self.cfg), "data": self.data_fp,
@@ -139,8 +145,13 @@ class RunCheckpointer:
     def save(self, step: int) -> Path | None:
         """Main process writes checkpoint-`step`; every process waits for it."""
         path = None
+        rng_states = self.runtime.gather_object(get_rng_state())  # every rank's streams, written by the main one
+        # the optimizer's state is named from the FSDP root (self.optim.model), the weights from self.model
+        full = ((fsdp.full_trainable_state(self.model), fsdp.full_optimizer_state(self.optim.model,
+                                                                                   self.optim.optimizer))
+                if self.runtime.fsdp else None)
         if self.runtime.is_main:
-            path = self.manager.save(step, lambda out: self._write(step, out))
+            path = self.manager.save(step, lambda out: self._write(step, out, rng_states, full))
         self.runtime.wait()
         return path
 
@@ -152,10 +163,16 @@ class RunCheckpointer:
             return 0
         state = load_json(path / "trainer_state.json")
         self._check_same_run(state, path)
-        load_trainable_state(self.model, load_file(str(path / "trainable.safetensors")), path)
-        load_optimizer_state(self.optim.optimizer, path / "optimizer")
+        if self.runtime.fsdp:
+            root = self.optim.model
+            prefix = next(f"{n}." if n else "" for n, m in root.named_modules() if m is self.model)
+            weights = {prefix + k: v for k, v in load_file(str(path / "trainable.safetensors")).items()}
+            fsdp.load_full_state(root, self.optim.optimizer, weights, load_state(path / "optimizer", kind="optimizer"))
+        else:
+            load_trainable_state(self.model, load_file(str(path / "trainable.safetensors")), path)
+            load_optimizer_state(self.optim.optimizer, path / "optimizer")
         load_scheduler_state(self.optim.scheduler, path / "scheduler")
-        load_rng_state(path / "rng")
+        load_rng_state(path / "rng", self.runtime.rank)
         self.optim.load_state_dict(state["optimization"])
         log(f"resumed from {path.name} (step {state['step']})")
         return int(state["step"])
@@ -166,15 +183,17 @@ class RunCheckpointer:
 
 
 def export_model(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: str | Path, extra: dict[str, dict] | None = None
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: str | Path, extra: dict[str, dict] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """A plain HF model directory at `out`: LoRA merged into a copy (the trained model is left as it is),
-    safetensors weights, the tokenizer, and each `extra` {file name: JSON object} next to them."""
+    safetensors weights, the tokenizer, and each `extra` {file name: JSON object} next to them.
+    `state_dict`: the full weights gathered from an FSDP2-sharded `model` (ppolm.fsdp.full_state_dict)."""
     out = Path(out)
     if is_lora(model):
         model = copy.deepcopy(model).merge_and_unload()
     with atomic_directory(out) as tmp:  # a crash mid-export never leaves a half-written final/
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         for name, obj in (extra or {}).items():
             save_json(tmp / name, obj)

@@ -92,6 +92,7 @@ class PPOTrainer:
         self.actor.to(self.runtime.device)
         if self.reference is not None:
             self.reference.to(self.runtime.device)
+        self.runtime.shard(self.actor), self.runtime.shard(self.reference)  # FSDP2 only; before the optimizer
         self.scorer = self._build_scorer(reward_fn, extra_fns)
         n_minibatches = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt // cfg.ppo.minibatch_size
         self.optim = Optimization(

@@ -4,7 +4,7 @@ checkpoint-N/ (written crash-safely by CheckpointManager):
   policy/            HF model directory (safetensors; adapter only with LoRA)
   critic.safetensors value head or separate critic weights (absent for critic-free estimators)
   optimizer.*        AdamW state (safetensors + json, no pickle); scheduler.* likewise
-  rng.*              python / numpy / torch RNG states
+  rng.*, rng-rank<r>.* python / numpy / torch RNG states of each process
   trainer_state.json step, KL controller, reward moments, optimizer counters, data position, fingerprints
 """
 
@@ -16,13 +16,14 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
+from ppolm import fsdp
 from ppolm.checkpoint import CheckpointManager
 from ppolm.errors import CheckpointError
 from ppolm.trainers.common import export_model
 from ppolm.trainers.resume import check_same_run, config_fingerprint, data_fingerprint
 from ppolm.state_io import (
-    load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json, save_optimizer_state,
-    save_rng_state, save_scheduler_state,
+    get_rng_state, load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json,
+    save_optimizer_state, save_rng_state, save_scheduler_state, save_state, load_state,
 )
 
 
@@ -66,6 +67,14 @@ def _critic_state(trainer: PPOParts) -> dict[str, torch.Tensor] | None:
     return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
 
 
+def _critic_prefix(trainer: PPOParts) -> str:
+    return "value_head." if trainer.actor.value_head is not None else "critic."
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 class PPOCheckpointer:
     """Save / resume / export for one PPOTrainer."""
 
@@ -73,16 +82,23 @@ class PPOCheckpointer:
         self.t = trainer
         self.manager = CheckpointManager(trainer.cfg.output_dir, keep=trainer.cfg.checkpoint.keep)
 
-    def _write(self, step: int, out: Path) -> None:
+    def _write(self, step: int, out: Path, rng_states: list | None = None, full: tuple | None = None) -> None:
         t = self.t
         policy = t.actor.policy
-        policy.save_pretrained(out / "policy", safe_serialization=True)
-        critic = _critic_state(t)
-        if critic is not None:
-            save_file(critic, str(out / "critic.safetensors"))
-        save_optimizer_state(t.optim.optimizer, out / "optimizer")
+        if full is not None:  # FSDP2: the full states every process gathered (same files as one process writes)
+            model_state, optimizer_state = full
+            policy.save_pretrained(out / "policy", state_dict=_strip(model_state, "policy."), safe_serialization=True)
+            if t.actor.critic_module() is not None:
+                save_file(_strip(model_state, _critic_prefix(t)), str(out / "critic.safetensors"))
+            save_state(optimizer_state, out / "optimizer", kind="optimizer")
+        else:
+            policy.save_pretrained(out / "policy", safe_serialization=True)
+            critic = _critic_state(t)
+            if critic is not None:
+                save_file(critic, str(out / "critic.safetensors"))
+            save_optimizer_state(t.optim.optimizer, out / "optimizer")
         save_scheduler_state(t.optim.scheduler, out / "scheduler")
-        save_rng_state(out / "rng")
+        save_rng_state(out / "rng", rng_states)
         save_json(out / "trainer_state.json", {
             "step": step,
             "kl_controller": t.kl_ctl.state_dict(),
@@ -97,8 +113,12 @@ class PPOCheckpointer:
     def save(self, step: int) -> Path | None:
         """Main process writes checkpoint-`step`; every process waits for it."""
         path = None
-        if self.t.runtime.is_main:
-            path = self.manager.save(step, lambda out: self._write(step, out))
+        t = self.t
+        rng_states = t.runtime.gather_object(get_rng_state())  # every rank's streams, written by the main one
+        full = ((fsdp.full_state_dict(t.actor), fsdp.full_optimizer_state(t.actor, t.optim.optimizer))
+                if t.runtime.fsdp else None)
+        if t.runtime.is_main:
+            path = self.manager.save(step, lambda out: self._write(step, out, rng_states, full))
         self.t.runtime.wait()
         return path
 
@@ -111,13 +131,21 @@ class PPOCheckpointer:
             return 0
         state = load_json(path / "trainer_state.json")
         self._check_same_run(state, path)
-        self._load_policy(path / "policy")
-        module = t.actor.critic_module()
-        if module is not None:
-            module.load_state_dict(load_file(str(path / "critic.safetensors")))
-        load_optimizer_state(t.optim.optimizer, path / "optimizer")
+        if t.runtime.fsdp:
+            model_state = {f"policy.{k}": v for k, v in load_policy_weights(path / "policy").items()}
+            if t.actor.critic_module() is not None:
+                critic = load_file(str(path / "critic.safetensors"))
+                model_state.update({_critic_prefix(t) + k: v for k, v in critic.items()})
+            fsdp.load_full_state(t.actor, t.optim.optimizer, model_state,
+                                 load_state(path / "optimizer", kind="optimizer"))
+        else:
+            self._load_policy(path / "policy")
+            module = t.actor.critic_module()
+            if module is not None:
+                module.load_state_dict(load_file(str(path / "critic.safetensors")))
+            load_optimizer_state(t.optim.optimizer, path / "optimizer")
         load_scheduler_state(t.optim.scheduler, path / "scheduler")
-        load_rng_state(path / "rng")
+        load_rng_state(path / "rng", t.runtime.rank)
         t.kl_ctl.load_state_dict(state["kl_controller"])
         t.scorer.moments.load_state_dict(state["reward_moments"])
         t.optim.load_state_dict(state["optimization"])
@@ -148,6 +176,7 @@ class PPOCheckpointer:
     def export_final(self, name: str = "final") -> Path | None:
         """output_dir/`name` (final, best): a plain HF model directory (LoRA merged) + tokenizer + decoding."""
         t = self.t
+        state = fsdp.full_state_dict(t.actor.policy) if t.runtime.fsdp else None  # a collective under FSDP2
         if not t.runtime.is_main:
             t.runtime.wait()
             return None
@@ -156,6 +185,6 @@ class PPOCheckpointer:
             "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
             "max_new_tokens": r.max_new_tokens, "stop": list(r.stop or d.stop),
             "system_prompt": t.task.system_prompt, "task": t.cfg.task.name,
-        }})
+        }}, state_dict=state)
         t.runtime.wait()
         return out

@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ppolm import fsdp
 from ppolm.algo.losses import pairwise_loss
 from ppolm.config import CheckpointConfig, CommonConfig, LogConfig, LoraConfig, OptimConfig, save_config
 from ppolm.data.collate import apply_chat_template, right_pad_collate
@@ -174,6 +175,7 @@ class RMTrainer:
         rm = prepare_model(rm, cfg.lora, task_type="SEQ_CLS", gradient_checkpointing=cfg.gradient_checkpointing)
         self.scorer = LastTokenReward(rm).to(self.runtime.device)
         self.scorer.train()  # from_pretrained returns eval mode; activation checkpointing only acts in train mode
+        self.runtime.shard(self.scorer)  # FSDP2 only; before the optimizer
         self.optim = make_optimization(self.scorer, self.runtime, cfg.optim, self.total_steps)
         self.model, self.optim.optimizer = self.runtime.prepare(self.scorer, self.optim.optimizer)
         self.optim.model = self.model
@@ -250,17 +252,20 @@ class RMTrainer:
             return {}
         rt = self.runtime
         mine = self.eval_pairs[rt.rank:: rt.world_size]
+        bs = self.cfg.eval_batch_size
+        # the unwrapped module: processes may run different numbers of forwards, so no collectives here; under
+        # FSDP2 each forward is a collective: every process runs as many, the extra ones on weight-0 pairs
+        n_forwards = -(-len(self.eval_pairs) // rt.world_size // bs) if rt.fsdp else -(-len(mine) // bs)
         correct, loss, margin = 0.0, 0.0, 0.0
         self.scorer.eval()
-        for k in range(0, len(mine), self.cfg.eval_batch_size):
-            chunk = mine[k: k + self.cfg.eval_batch_size]
+        for k in range(0, n_forwards * bs, bs):
+            chunk, weight = (mine[k: k + bs], 1.0) if k < len(mine) else (self.eval_pairs[:bs], 0.0)
             ids, mask = pair_batch(chunk, self.tokenizer.pad_token_id, rt.device)
-            # the unwrapped module: processes may run different numbers of forwards, so no collectives here
             scores = self.scorer(ids, mask, autocast_dtype=self.amp)
             diff = scores[: len(chunk)] - scores[len(chunk):]
-            correct += float((diff > 0).sum())
-            loss += float(pairwise_loss(scores[: len(chunk)], scores[len(chunk):])) * len(chunk)
-            margin += float(diff.sum())
+            correct += weight * float((diff > 0).sum())
+            loss += weight * float(pairwise_loss(scores[: len(chunk)], scores[len(chunk):])) * len(chunk)
+            margin += weight * float(diff.sum())
         self.scorer.train()
         n = float(rt.sum(len(mine)))
         return {"eval/pairwise_accuracy": float(rt.sum(correct)) / n, "eval/loss": float(rt.sum(loss)) / n,
@@ -270,11 +275,12 @@ class RMTrainer:
         """output_dir/final: a sequence-classification HF directory (LoRA merged) + tokenizer, usable as
         `reward.model` in PPO, and ppolm_reward.json saying which text it was trained to score."""
         out = None
+        state = fsdp.full_state_dict(self.scorer.rm) if self.runtime.fsdp else None  # a collective under FSDP2
         if self.runtime.is_main:
             info = {"scores": "chat-templated prompt + completion (no EOS), at the last real token",
                     "use_chat_template": self.cfg.use_chat_template, "system_prompt": self.cfg.system_prompt}
             out = export_model(self.scorer.rm, self.tokenizer, Path(self.cfg.output_dir) / "final",
-                               {"ppolm_reward.json": info})
+                               {"ppolm_reward.json": info}, state_dict=state)
         self.runtime.wait()
         return out
 

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ppolm.algo.losses import sft_loss
+from ppolm import fsdp
 from ppolm.config import (
     CheckpointConfig, CommonConfig, EvalConfig, GuardConfig, LogConfig, LoraConfig, OptimConfig, TaskConfig,
     check_guard, save_config,
@@ -255,6 +256,7 @@ class SFTTrainer:
         lm = prepare_model(lm, cfg.lora, task_type="CAUSAL_LM", gradient_checkpointing=cfg.gradient_checkpointing)
         self.scorer = CompletionLogprobs(lm).to(self.runtime.device)
         self.scorer.train()  # from_pretrained returns eval mode; activation checkpointing only acts in train mode
+        self.runtime.shard(self.scorer)  # FSDP2 only; before the optimizer
         self.optim = make_optimization(self.scorer, self.runtime, cfg.optim, self.total_steps)
         self.model, self.optim.optimizer = self.runtime.prepare(self.scorer, self.optim.optimizer)
         self.optim.model = self.model
@@ -324,25 +326,30 @@ class SFTTrainer:
         rt = self.runtime
         nll, count = 0.0, 0.0
         mine = self.eval_rows[rt.rank:: rt.world_size]
+        bs = self.cfg.eval_batch_size
+        # the unwrapped module: processes may run different numbers of forwards, so no collectives here; under
+        # FSDP2 each forward is a collective: every process runs as many, the extra ones on weight-0 rows
+        n_forwards = -(-len(self.eval_rows) // rt.world_size // bs) if rt.fsdp else -(-len(mine) // bs)
         self.scorer.eval()
-        for k in range(0, len(mine), self.cfg.eval_batch_size):
-            batch = collate_sft(mine[k: k + self.cfg.eval_batch_size], self.tokenizer.pad_token_id, rt.device)
-            # the unwrapped module: processes may run different numbers of forwards, so no collectives here
-            nll -= float((self.scorer(batch, autocast_dtype=self.amp) * batch.loss_mask).sum())
-            count += float(batch.loss_mask.sum())
+        for k in range(0, n_forwards * bs, bs):
+            rows, weight = (mine[k: k + bs], 1.0) if k < len(mine) else (self.eval_rows[:bs], 0.0)
+            batch = collate_sft(rows, self.tokenizer.pad_token_id, rt.device)
+            nll -= weight * float((self.scorer(batch, autocast_dtype=self.amp) * batch.loss_mask).sum())
+            count += weight * float(batch.loss_mask.sum())
         self.scorer.train()
         return {"eval/loss": float(rt.sum(nll)) / max(float(rt.sum(count)), 1.0)}
 
     def export_final(self, name: str = "final") -> Path | None:
         """output_dir/`name` (final, best): HF model directory (LoRA merged) + tokenizer + ppolm_decoding.json."""
         out = None
+        state = fsdp.full_state_dict(self.scorer.lm) if self.runtime.fsdp else None  # a collective under FSDP2
         if self.runtime.is_main:
             d = self.task.decoding
             decoding = {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
                         "max_new_tokens": d.max_new_tokens, "stop": list(d.stop),
                         "system_prompt": self.task.system_prompt, "task": self.task_name}
             out = export_model(self.scorer.lm, self.tokenizer, Path(self.cfg.output_dir) / name,
-                               {"ppolm_decoding.json": decoding})
+                               {"ppolm_decoding.json": decoding}, state_dict=state)
         self.runtime.wait()
         return out
 

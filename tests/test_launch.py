@@ -1,0 +1,192 @@
+"""Multi-process entry points: `accelerate launch` with the shipped configs (2 CPU processes over gloo)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["log.progress=false", "log.tensorboard=false"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(config_file: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file configs/accelerate/<config_file> -m ppolm.cli <args>` on a free port."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"configs/accelerate/{config_file}",
+           "--main_process_port", str(free_port()), "-m", "ppolm.cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def ppolm_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ppolm.cli", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def max_weight_diff(a_dir: Path, b_dir: Path) -> float:
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+COMMON = ["--config", "configs/tiny.yaml", *QUIET, "max_steps=4", "ppo.epochs=2", "checkpoint.every=2",
+          "checkpoint.keep=null"]
+TWO_PROCESSES = ["rollout.batch_size=8", "ppo.minibatch_size=8", "ppo.grad_accum_steps=2"]  # global batch 16
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The 1-process run (16 rows a step) that 2 processes x 8 rows must reproduce."""
+    run_dir = tmp_path_factory.mktemp("launch") / "one"
+    one = ppolm_cli("ppo", *COMMON, f"output_dir={run_dir}", "rollout.batch_size=16", "ppo.minibatch_size=16")
+    assert one.returncode == 0, one.stderr[-3000:]
+    return run_dir
+
+
+def assert_same_run(two: Path, one: Path) -> None:
+    """Summation order differs across processes: weights agree to 1e-3 after 4 steps, metrics to rounding."""
+    assert max_weight_diff(two / "final", one / "final") < 1e-3
+    ma, mb = metrics(two), metrics(one)
+    assert len(ma) == len(mb) == 4
+    for x, y in zip(ma, mb):
+        assert x["reward/mean"] == pytest.approx(y["reward/mean"], abs=1e-6)
+        for k in ("loss/policy", "objective/kl", "optim/grad_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-3, abs=1e-5), k
+
+
+@pytest.mark.slow
+def test_accelerate_launch_ddp_equals_one_process_and_refuses_other_process_count(tmp_path, one_process):
+    """accelerate launch, DDP on 2 CPU processes = 1 process; resuming its checkpoint in 1 process is refused in
+    one line naming the process counts."""
+    two = accelerate_launch("cpu-ddp-2.yaml", "ppo", *COMMON, f"output_dir={tmp_path}", *TWO_PROCESSES)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("final: ") == 1  # printed by the main process only
+    assert (tmp_path / "checkpoint-4/rng-rank1.json").is_file()  # each rank's RNG streams
+    assert_same_run(tmp_path, one_process)
+
+    resumed = ppolm_cli("ppo", *COMMON, f"output_dir={tmp_path}", *TWO_PROCESSES, "max_steps=6", "resume=true")
+    assert resumed.returncode == 2, resumed.stderr[-3000:]
+    err = resumed.stderr.strip()
+    assert err.count("\n") == 0 and "process count changed (2 -> 1)" in err, err
+
+
+@pytest.mark.slow
+def test_fsdp2_ppo_equals_one_process_resumes_exactly_and_exports_hf(tmp_path, one_process):
+    """FSDP2 on 2 CPU processes: sharded policy, reference and value head give the 1-process run; a run killed
+    after checkpoint-2 and resumed ends bitwise equal to the uninterrupted one; final/ is a plain HF directory."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    run = accelerate_launch("fsdp2-cpu.yaml", "ppo", *COMMON, f"output_dir={full}", *TWO_PROCESSES)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_run(full, one_process)
+
+    part.mkdir()  # what a kill -9 after checkpoint-2 leaves (log lines past it included)
+    shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
+    (part / "LATEST").write_text("checkpoint-2\n")
+    shutil.copy(full / "metrics.jsonl", part / "metrics.jsonl")
+    resumed = accelerate_launch("fsdp2-cpu.yaml", "ppo", *COMMON, f"output_dir={part}", *TWO_PROCESSES,
+                                "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from checkpoint-2" in resumed.stdout
+    for name in ("final/model.safetensors", "checkpoint-4/critic.safetensors", "checkpoint-4/optimizer.safetensors"):
+        a, b = load_file(full / name), load_file(part / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(full / "final")
+    saved = load_file(full / "final/model.safetensors")
+    assert torch.equal(model.get_input_embeddings().weight, saved["model.embed_tokens.weight"])
+
+
+@pytest.mark.slow
+def test_two_machines_on_loopback_equal_one_process(tmp_path, one_process):
+    """The multi-node recipe on one host: two `accelerate launch --machine_rank R` commands (1 process each),
+    machine 0 on the loopback address, train as one 2-process run."""
+    port = str(free_port())
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/two-machines.yaml",
+           "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--machine_rank"]
+    args = ["-m", "ppolm.cli", "ppo", *COMMON, f"output_dir={tmp_path}", *TWO_PROCESSES]
+    machines = [subprocess.Popen([*cmd, str(rank), *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        outs = [m.communicate(timeout=300) for m in machines]
+    finally:
+        for m in machines:
+            if m.poll() is None:
+                m.kill()
+    assert [m.returncode for m in machines] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert_same_run(tmp_path, one_process)
+
+
+def test_accelerate_fp16_and_deepspeed_are_refused_before_models_load_and_bf16_trains(tmp_path):
+    """accelerate's fp16 loss scaling would feed scaled gradients to the finiteness check and the clipping, and
+    a DeepSpeed engine would hide the gradients from it: both refused in one line (exit 2) before anything
+    loads. bf16 is autocast only: it trains."""
+    args = ["ppo", "--config", "configs/tiny.yaml", *QUIET, "max_steps=2", "checkpoint.every=0"]
+    deepspeed = subprocess.run([sys.executable, "-m", "ppolm.cli", *args, f"output_dir={tmp_path / 'ds'}"], cwd=ROOT,
+                               env={**ENV, "ACCELERATE_USE_DEEPSPEED": "true"}, capture_output=True, text=True)
+    assert deepspeed.returncode == 2 and "DeepSpeed launches are not supported" in deepspeed.stderr
+    env = {**ENV, "ACCELERATE_MIXED_PRECISION": "fp16"}
+    fp16 = subprocess.run([sys.executable, "-m", "ppolm.cli", *args, f"output_dir={tmp_path / 'fp16'}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert fp16.returncode == 2
+    assert fp16.stderr.strip().count("\n") == 0 and "mixed_precision 'fp16'" in fp16.stderr
+    assert not (tmp_path / "fp16/config.yaml").exists()
+    env["ACCELERATE_MIXED_PRECISION"] = "bf16"
+    bf16 = subprocess.run([sys.executable, "-m", "ppolm.cli", *args, f"output_dir={tmp_path / 'bf16'}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert bf16.returncode == 0, bf16.stderr[-3000:]
+    last = metrics(tmp_path / "bf16")[-1]
+    assert last["optim/grad_norm"] > 0 and last["objective/kl"] == last["objective/kl"]  # finite, not NaN
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, config, one_rows, extra", [
+    ("sft", "configs/sft-tiny.yaml", "batch_size=8", ["eval_every=2"]),
+    ("rm", "configs/rm-tiny.yaml", "batch_size=16", ["eval_every=2"]),
+])
+def test_fsdp2_sft_and_rm_equal_one_process_and_resume_exactly(tmp_path, kind, config, one_rows, extra):
+    """SFT and reward-model training sharded over 2 CPU processes = 1 process (global batch equal); resumed
+    from checkpoint-2 they end bitwise equal to the uninterrupted run; final/ loads as an HF model."""
+    common = ["--config", config, *QUIET, "max_steps=4", "checkpoint.every=2", "checkpoint.keep=null", *extra]
+    two_rows = f"batch_size={int(one_rows.split('=')[1]) // 2}"
+    one = ppolm_cli(kind, *common, f"output_dir={tmp_path / 'one'}", one_rows)
+    assert one.returncode == 0, one.stderr[-3000:]
+    full = accelerate_launch("fsdp2-cpu.yaml", kind, *common, f"output_dir={tmp_path / 'full'}", two_rows)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert max_weight_diff(tmp_path / "full/final", tmp_path / "one/final") < 1e-4
+    loss = f"loss/{kind}"
+    for x, y in zip(metrics(tmp_path / "full"), metrics(tmp_path / "one"), strict=True):
+        assert x[loss] == pytest.approx(y[loss], rel=1e-4)
+        assert x["optim/grad_norm"] == pytest.approx(y["optim/grad_norm"], rel=1e-4)
+        if "eval/loss" in y:
+            assert x["eval/loss"] == pytest.approx(y["eval/loss"], rel=1e-4)
+
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(tmp_path / "full/checkpoint-2", part / "checkpoint-2")
+    (part / "LATEST").write_text("checkpoint-2\n")
+    resumed = accelerate_launch("fsdp2-cpu.yaml", kind, *common, f"output_dir={part}", two_rows, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_file(tmp_path / "full/final/model.safetensors"), load_file(part / "final/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if kind == "sft":
+        from transformers import AutoModelForCausalLM
+
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(part / "final").get_input_embeddings().weight,
+                           b["model.embed_tokens.weight"])
