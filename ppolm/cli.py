@@ -207,6 +207,16 @@ def main(argv: list[str] | None = None) -> int:
         # output piped into `head` and the like: not an error of ours
         sys.stderr.close()
         return 0
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter does: gloo's threads, left to interpreter exit,
+    sometimes abort a finished rank ("terminate called without an active exception", exit -6)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ OPT_PER_STEP = 4
 
 
 def _trainer(run_dir: Path, *overrides: str) -> PPOTrainer:
-    return PPOTrainer(load_config(PPORunConfig, ROOT / "configs/tiny.yaml", [*SMALL, f"output_dir={run_dir}",
-                                                                              *overrides]))
+    # a random value head: the toy reward is ~0 for the tiny model, so with the default zero head the first
+    # steps' gradients are all 0 and no optimizer step would change a weight to tell skipped from taken
+    return PPOTrainer(load_config(PPORunConfig, ROOT / "configs/tiny.yaml", [
+        *SMALL, f"output_dir={run_dir}", "critic.head_init=normal", *overrides]))
 
 
 def _snapshot(t: PPOTrainer) -> dict:
