@@ -80,7 +80,7 @@ def training_curves(candidates, metric: str | None = None) -> bytes | None:
     if len(ppo_runs) > 1:
         axes[0][0].legend(fontsize=7)
     if has_sft:
-        ax = axes[0][-1]
+        ax = axes[0][len(panels)]
         for name, rows in sft_runs:
             pts = [(r["step"], r["loss/sft"]) for r in rows if r.get("loss/sft") is not None]
             if pts:
