@@ -41,6 +41,8 @@ def test_shipped_config_validates_and_its_data_exists(path, monkeypatch):
     files = _paths(task.data) + _paths(task.eval_data)
     files += [f for v in getattr(getattr(cfg, "eval", None), "extra", {}).values() for f in _paths(v)]
     for f in files:
+        if "shared/data/" in f and not (ROOT / f).exists() and not (ROOT.parent / "shared").is_dir():
+            pytest.skip(f"{path.name} reads research-only data in place from ../shared, absent here")
         assert (ROOT / f).exists() or Path(f).exists(), f"{path.name}: {f} missing"
     # templated demo data is for tests only: every config that does not run on a tiny model names real data
     model = yaml.safe_load(path.read_text()).get("model", "smollm2-135m-instruct")
