@@ -18,6 +18,7 @@ import math
 import random
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
@@ -215,6 +216,17 @@ class LoopTrainer(Protocol):
     def generating_model(self) -> nn.Module: ...
 
 
+def save_or_stop(save: Callable[[int], object], stop: StopSignals, runtime: Runtime, every: int, done: int,
+                 total: int) -> None:
+    """The end of a loop step (SFT, RM and PPO alike): on SIGTERM/SIGINT save step `done` and raise RunStopped;
+    otherwise save every `every` steps. The last step is left to the loop, which always saves it."""
+    if stop.requested(runtime) and done < total:
+        save(done)
+        raise stop.stopped(done)
+    if every and done % every == 0 and done < total:
+        save(done)
+
+
 def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...], watch: Watch | None = None) -> dict[str, float]:
     """Steps start_step .. total_steps: step, evaluate every cfg.eval_every steps and at the end, the task's
     metric when `watch` says so (and stop when its guard fires), log, checkpoint every cfg.checkpoint.every
@@ -241,11 +253,7 @@ def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...], watch: Watc
                 logger.log(done, metrics, headline)
             if trip is not None:
                 break
-            if stop.requested(t.runtime) and done < t.total_steps:
-                t.checkpointer.save(done)
-                raise stop.stopped(done)
-            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < t.total_steps:
-                t.checkpointer.save(done)
+            save_or_stop(t.checkpointer.save, stop, t.runtime, cfg.checkpoint.every, done, t.total_steps)
         if t.start_step < t.total_steps:
             t.checkpointer.save(done)
         else:  # resumed a finished run: nothing to train, but report where it stands

@@ -35,7 +35,7 @@ from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.sampling import row_uniforms
 from ppolm.tasks import Example, Task, build_task
 from ppolm.trainers.actor_critic import build_actor_critic, param_groups, reference_logprobs
-from ppolm.trainers.common import split_held_out
+from ppolm.trainers.common import save_or_stop, split_held_out
 from ppolm.trainers.ppo_state import PPOCheckpointer
 from ppolm.trainers.run_dir import StopSignals, prepare_output_dir
 from ppolm.trainers.prompts import build_prompts, step_rows
@@ -377,11 +377,7 @@ class PPOTrainer:
                     logger.samples(done, out.samples)
                 if trip is not None:
                     break
-                if stop.requested(self.runtime) and done < cfg.max_steps:
-                    self.state.save(done)
-                    raise stop.stopped(done)
-                if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.max_steps:
-                    self.state.save(done)
+                save_or_stop(self.state.save, stop, self.runtime, cfg.checkpoint.every, done, cfg.max_steps)
             self.state.save(done)
             self.state.export_final()
             if trip is not None:
