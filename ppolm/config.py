@@ -109,6 +109,9 @@ class EvalConfig(Section):
     accuracy, f1, chrf or reward_mean)."""
     keep_best: bool = True
     """Write output_dir/best (a plain HF model directory) whenever the metric reaches a new best."""
+    at_start: bool = True
+    """Also measure the starting model before the first step (step 0 of the curve). With keep_best it is the
+    first best/, so a guard that fires at the first check rolls back to the start, not to a bad step."""
 
 
 class GuardConfig(Section):
@@ -121,6 +124,8 @@ class GuardConfig(Section):
     """Stop when the sampled KL to the reference (objective/kl, nats per sequence) passes this (PPO; null = off)."""
     rollback: bool = True
     """On a stop, final/ becomes the best checkpoint's model (needs eval.keep_best); otherwise the last one."""
+
+
 class AlgoConfig(Section):
     estimator: Literal["gae", "grpo", "rloo", "reinforce_pp", "dr_grpo"] = "gae"
     """Advantage estimator: 'gae' (PPO with a critic) or critic-free 'grpo', 'rloo', 'reinforce_pp',
@@ -149,6 +154,20 @@ class RewardConfig(Section):
     """Clip scores to [-clip, clip] after normalization (null = off)."""
     missing_eos_penalty: float | None = None
     """Added to the score of a response that hit max_new_tokens without EOS/stop (e.g. -1.0)."""
+
+    @model_validator(mode="after")
+    def _check_functions(self) -> "RewardConfig":
+        # Resolve names and settings now (a typo in a function's kwargs, an unknown judge model), so a pipeline
+        # fails when its config is read, not after the stages before PPO have run.
+        from ppolm.errors import ModelLoadError
+        from ppolm.rewards.compose import resolve_reward_function
+
+        for f in self.functions:
+            try:
+                resolve_reward_function(f.name, f.kwargs)
+            except (ConfigError, ModelLoadError) as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
 
 class OptimConfig(Section):

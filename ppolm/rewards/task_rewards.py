@@ -23,6 +23,7 @@ from ppolm.errors import ConfigError
 from ppolm.eval.metrics import label_from_completion, labels_in_completion
 from ppolm.eval.mt_metrics import sentence_bleu, sentence_chrf
 from ppolm.eval.ner_metrics import parse_entities, sentence_entity_f1
+from ppolm.rewards.label_judge import label_judge_reward
 
 RewardFn = Callable[..., list[float]]
 
@@ -155,6 +156,7 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "translation": translation_reward,
     "length": length_reward,
     "contains": contains_reward,
+    "label_judge": label_judge_reward,
 }
 
 
@@ -176,4 +178,7 @@ def get_reward_function(name: str, **settings: Any) -> RewardFn:
         raise ConfigError(
             f"reward function {name!r} has no setting(s) {unknown}; allowed: {', '.join(allowed)}"
         )
+    validate = getattr(fn, "validate", None)  # settings that need more than a name check (label_judge)
+    if validate is not None:
+        validate(settings)
     return functools.partial(fn, **settings)
