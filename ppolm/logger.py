@@ -64,7 +64,9 @@ class MetricsLogger:
 
         atomic_write_bytes(path, "".join(k + "\n" for k in kept).encode("utf-8"))
 
-    def log(self, step: int, metrics: dict[str, Any], headline: tuple[str, ...] = ()) -> None:
+    def log(self, step: int, metrics: dict[str, Any], headline: tuple[str, ...] = (), advance: bool = True) -> None:
+        """Append a metrics.jsonl row (and TensorBoard scalars); advance=False for a row that is not a training
+        step (the step-0 evaluation), so the progress bar counts steps only."""
         if not self.enabled:
             return
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
@@ -74,7 +76,7 @@ class MetricsLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(float(v)):
                     self.tb.add_scalar(k, v, step)
-        if self.bar is not None:
+        if self.bar is not None and advance:
             self.bar.update(1)
             self.bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in headline if k in metrics})
 

@@ -173,6 +173,7 @@ class Candidate:
     run_dir: str | None = None
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     guard: str | None = None
+    checkpoint: str | None = None  # which of the stage's checkpoints was evaluated, e.g. "best/ = step 16 of 16"
 
 
 def _say(msg: str) -> None:
@@ -251,6 +252,17 @@ def stage_model(cfg: PipelineConfig, run_dir: Path) -> str:
     return str(best if cfg.eval.use_best and (best / "config.json").is_file() else run_dir / "final")
 
 
+def checkpoint_note(cfg: PipelineConfig, run_dir: Path, total_steps: int) -> str:
+    """Which checkpoint of a stage was evaluated: best/ with its step and validation value, or final/. A best at
+    step 0 means no check during training beat the starting model, so the stage hands on the start."""
+    best = run_dir / "best.json"
+    if not (cfg.eval.use_best and (run_dir / "best" / "config.json").is_file() and best.is_file()):
+        return "final/"
+    b = json.loads(best.read_text(encoding="utf-8"))
+    start = ": no check beat the starting model" if b["step"] == 0 else ""
+    return f"best/ = step {b['step']} of {total_steps} (validation {b['metric']} {b['value']:.4f}){start}"
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run the whole flow; returns the headline numbers."""
     from ppolm.models import load_model
@@ -295,6 +307,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         train_sft(scfg, task=train_task, eval_examples=val or None)
         c = evaluator("sft", stage_model(cfg, out / "sft"), base_dir, time.perf_counter() - t0, str(out / "sft"))
         c.guard = _guard_line(read_trip(out / "sft"))
+        c.checkpoint = checkpoint_note(cfg, out / "sft", scfg.max_steps)
+        _say(f"   sft: evaluated {c.checkpoint}")
         candidates.append(c)
         starts["sft"] = c.model_dir
 
@@ -310,6 +324,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             c = evaluator(name, stage_model(cfg, out / name), start_dir, time.perf_counter() - t0, str(out / name))
             trip = read_trip(out / name)
             c.guard = _guard_line(trip)
+            c.checkpoint = checkpoint_note(cfg, out / name, pcfg.max_steps)
+            _say(f"   {name}: evaluated {c.checkpoint}")
             candidates.append(c)
             if c.guard:
                 _say(f"   {c.guard}")
@@ -335,6 +351,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
                   **{k: len(v) for k, v in extra.items()}},
         "stages": {c.name: {"metrics": _scalars(c.metrics), "train_seconds": c.train_seconds,
                             "eval_seconds": c.eval_seconds, "model_dir": c.model_dir, "guard": c.guard,
+                            "checkpoint": c.checkpoint,
                             "extra": {k: _scalars(v) for k, v in c.extra.items()}} for c in candidates},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -34,9 +34,10 @@ def test_pipeline_runs_every_stage_and_exports(pipeline_run):
         assert "guard.max_kl" in stage["guard"] and "rolled back to step" in stage["guard"], stage["guard"]
         assert (out / name / "guard.json").is_file() and (out / name / "best" / "config.json").is_file()
         assert stage["model_dir"] == str(out / name / "best")
+        assert stage["checkpoint"].startswith("best/ = step "), stage["checkpoint"]
         assert set(stage["extra"]["unseen"]) >= {"accuracy", "top_label_share"}
     sft_rows = [json.loads(x) for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in sft_rows if "eval/accuracy" in r] == [2, 4]
+    assert [r["step"] for r in sft_rows if "eval/accuracy" in r] == [0, 2, 4]  # eval.at_start: step 0
     ppo_cfg = json.loads(json.dumps(__import__("yaml").safe_load((out / "sft-ppo" / "config.yaml").read_text())))
     assert ppo_cfg["model"] == summary["stages"]["sft"]["model_dir"]  # SFT->PPO starts from SFT's model
     assert set(result) == {f"{s}/accuracy" for s in summary["stages"]}

@@ -192,5 +192,5 @@ def test_pipeline_reruns_into_its_own_output_dir(tmp_path):
                       [f"output_dir={tmp_path}", "report=false", "ppo.max_steps=2", "sft.max_steps=2"])
     run_pipeline(cfg)
     run_pipeline(cfg)
-    assert _steps(tmp_path / "ppo" / "metrics.jsonl") == [1, 2]
+    assert _steps(tmp_path / "ppo" / "metrics.jsonl") == [0, 1, 2]  # one run's rows (step 0: eval.at_start)
     assert (tmp_path / "export" / "ppolm_decoding.json").is_file()

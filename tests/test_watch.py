@@ -68,6 +68,19 @@ def test_collapse_needs_balanced_gold_and_kl_bound(tmp_path):
     assert trip is not None and "guard.max_kl 2.0" in trip.reason
 
 
+def test_start_is_the_first_best_and_is_never_guarded(tmp_path):
+    w, exports = _watch(tmp_path, GuardConfig(collapse_share=0.8, max_drop=0.1))
+    collapsed = {"eval/reward_mean": 0.6, "eval/top_gold_share": 0.5, "eval/top_pred_share": 0.95}
+    w.evaluate = lambda model, step: dict(collapsed)  # the starting model itself answers one label
+    origin = w.start(model=None)
+    assert origin is not None and origin["eval/reward_mean"] == 0.6 and "time/eval_task_s" in origin
+    assert exports.calls == ["best"] and w.best_step == 0                 # kept, no trip on the start
+    trip = w.observe(8, {"eval/reward_mean": 0.4, "eval/top_gold_share": 0.5, "eval/top_pred_share": 0.6})
+    assert trip is not None and trip.best_step == 0 and trip.rolled_back  # back to the starting weights
+    off, calls = _watch(tmp_path / "off", at_start=False)
+    assert off.start(model=None) is None and calls.calls == []
+
+
 def test_lower_is_better_metrics_and_no_rollback_without_best(tmp_path):
     w, _ = _watch(tmp_path, GuardConfig(max_kl=1.0), metric="ter")
     w.observe(1, {"eval/ter": 80.0})
@@ -126,7 +139,7 @@ class TwoLabelTask(Task):
 
 def test_guard_stops_a_collapsing_run_and_rolls_back_to_the_best_weights_exactly(tmp_path):
     held = TwoLabelTask(n=16).load(None)  # 8 of each gold label: balanced, so one-label answers are a collapse
-    common = [*QUIET, "max_steps=24", "eval.every=4", "checkpoint.every=0"]
+    common = [*QUIET, "max_steps=24", "eval.every=4", "checkpoint.every=0", "eval.at_start=false"]
     cfg = load_config(PPORunConfig, ROOT / "configs/tiny.yaml",
                       [*common, f"output_dir={tmp_path / 'run'}", "guard.collapse_share=0.7"])
     PPOTrainer(cfg, task=TwoLabelTask(), eval_examples=held).train()
@@ -150,3 +163,22 @@ def test_guard_stops_a_collapsing_run_and_rolls_back_to_the_best_weights_exactly
     PPOTrainer(cfg2, task=TwoLabelTask(), eval_examples=held).train()
     short = load_file(str(tmp_path / "short/final/model.safetensors"))
     assert all(torch.equal(final[k], short[k]) for k in final)
+
+
+def test_a_run_that_never_beats_its_start_rolls_back_to_the_starting_weights(tmp_path):
+    # eval.at_start (default): the start is the first best, so a run that only gets worse returns to it
+    held = TwoLabelTask(n=16).load(None)
+    cfg = load_config(PPORunConfig, ROOT / "configs/tiny.yaml",
+                      [*QUIET, "max_steps=24", "eval.every=4", "checkpoint.every=0", f"output_dir={tmp_path / 'run'}",
+                       "guard.collapse_share=0.7"])
+    trainer = PPOTrainer(cfg, task=TwoLabelTask(), eval_examples=held)
+    start = {k: v.detach().clone() for k, v in trainer.actor.policy.state_dict().items()}
+    trainer.train()
+    run = tmp_path / "run"
+    trip = read_trip(run)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and "eval/recall_b" in rows[0] and "reward/mean" not in rows[0]
+    assert trip is not None and trip.rolled_back
+    assert trip.best_step == 0  # recall of 'b' only falls as the reward drives answers to 'a'
+    final = load_file(str(run / "final/model.safetensors"))  # so final/ holds the starting weights exactly
+    assert final.keys() <= start.keys() and all(torch.equal(final[k], start[k]) for k in final)

@@ -228,6 +228,11 @@ def write_report(cfg, task, candidates, chosen, out: Path, summary: dict) -> tup
     if verdicts:
         md += ["## What RL added", "", *[f"- {v}" for v in verdicts], ""]
         h.append("<h2>What RL added</h2><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in verdicts) + "</ul>")
+    points = [(c.name, c.checkpoint) for c in candidates if c.checkpoint]
+    if points:
+        md += ["## Checkpoints evaluated", "", *[f"- {name}: {note}" for name, note in points], ""]
+        h.append("<h2>Checkpoints evaluated</h2><ul>" + "".join(
+            f"<li><b>{html.escape(n)}</b>: {html.escape(p)}</li>" for n, p in points) + "</ul>")
     guards = [(c.name, c.guard) for c in candidates if c.guard]
     if guards:
         md += ["## Guardrails", "", *[f"- {name}: {line}" for name, line in guards], ""]

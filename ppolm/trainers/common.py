@@ -239,6 +239,8 @@ def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...], watch: Watc
     trip, done = None, t.start_step
     stop = StopSignals().install()
     try:
+        if watch is not None and t.start_step == 0 and (origin := watch.start(t.generating_model())) is not None:
+            logger.log(0, origin, advance=False)
         for step in range(t.start_step, t.total_steps):
             metrics = t.step(step)
             done = step + 1

@@ -366,6 +366,8 @@ class PPOTrainer:
         trip, done = None, self.start_step
         stop = StopSignals().install()
         try:
+            if self.start_step == 0 and (origin := self.watch.start(self.actor.policy)) is not None:
+                logger.log(0, origin, advance=False)
             for step in range(self.start_step, cfg.max_steps):
                 out = self.step(step)
                 done = step + 1

@@ -1,6 +1,6 @@
 """Held-out evaluation during training, best-checkpoint keeping and guardrails (shared by SFT and PPO).
 
-Every ``eval.every`` steps (and at the last step) the trainer's model decodes a fixed, evenly spread set of
+Before the first step (``eval.at_start``), every ``eval.every`` steps and at the last step the model decodes a fixed, evenly spread set of
 held-out examples with the task's own decoding and metric; the numbers are logged as ``eval/<metric>``.
 When the watched metric reaches a new best, the model is exported to ``output_dir/best`` (with
 ``best.json``: step, metric, value). The guard stops a run when
@@ -119,6 +119,18 @@ class Watch:
             raise ConfigError(f"eval.metric '{self.metric}' is not a metric of task {self.task.name} (have: {have})")
         return out
 
+    def start(self, model: PreTrainedModel) -> dict[str, float | str] | None:
+        """Before the first step of a fresh run (eval.at_start): measure the starting model as step 0 and keep
+        it as the first best, so the curve has its origin and a rollback can return to the start. No guard is
+        checked on it: the starting model is what the run is measured against. Returns the eval/* metrics."""
+        if not (self.enabled and self.cfg.at_start):
+            return None
+        t0 = time.perf_counter()
+        metrics = self.evaluate(model, 0)
+        metrics["time/eval_task_s"] = time.perf_counter() - t0
+        self.observe(0, metrics, guards=False)
+        return metrics
+
     def after_step(self, done: int, total: int, model: Callable[[], PreTrainedModel],
                    metrics: dict[str, float | str]) -> GuardTrip | None:
         """The loop's hook after step `done`: evaluate when due (adding eval/* and time/eval_task_s to `metrics`),
@@ -132,9 +144,10 @@ class Watch:
             metrics.update({"guard/stopped": 1.0, "guard/reason": trip.reason})
         return trip
 
-    def observe(self, step: int, metrics: dict[str, float | str]) -> GuardTrip | None:
-        """After step `step`: keep a new best (export best/), then check the guards. Returns the trip, if any."""
-        g = self.guard
+    def observe(self, step: int, metrics: dict[str, float | str], guards: bool = True) -> GuardTrip | None:
+        """After step `step`: keep a new best (export best/), then check the guards (unless `guards` is False).
+        Returns the trip, if any."""
+        g = self.guard if guards else GuardConfig()
         value = metrics.get(f"eval/{self.metric}")
         if isinstance(value, float):
             drop = None if self.best_value is None else self.sign * (self.best_value - value)
