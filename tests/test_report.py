@@ -62,7 +62,9 @@ def test_report_is_self_contained_with_plots(pipeline_run):
     assert images == ["training curves", "ROC curves", "confusion matrices"]
     assert "src='http" not in page and 'src="http' not in page
     md = (out / "report.md").read_text()
-    assert "| stage | accuracy" in md and "## Sample outputs before and after" in md
+    assert "| stage | accuracy" in md and "## Sample outputs, every stage" in md
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    assert all(f"  - {stage}: " in md for stage in stages)  # every stage's answer to each sample
     assert "## Task metrics on unseen" in md and "## Guardrails" in md and "guard.max_kl" in md
     assert re.search(r"- PPO vs the base model: [+-]\d\.\d{3} accuracy on the test split, [+-]\d\.\d{3} on unseen", md)
     assert re.search(r"- SFT->PPO vs SFT: .* -- (better on every set|not better on any set|better on some sets only)\.", md)

@@ -188,14 +188,20 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def samples(candidates, chosen, n: int = 6) -> list[dict]:
-    """The first n held-out examples with the base and the chosen model's completions side by side."""
-    base, last = candidates[0], chosen
+    """The first n held-out examples with every candidate's completion side by side (base first; the chosen
+    model is one of the columns). -> [{prompt, reference, outputs: {stage: completion}}]."""
+    base = candidates[0]
     out = []
     for i in range(min(n, len(base.predictions))):
-        b, f = base.predictions[i], last.predictions[i] if i < len(last.predictions) else {}
-        out.append({"prompt": b.get("prompt", ""), "reference": b.get("reference"),
-                    "before": b.get("completion", ""), "after": f.get("completion", ""), "after_stage": last.name})
+        b = base.predictions[i]
+        outputs = {c.name: (c.predictions[i].get("completion", "") if i < len(c.predictions) else "")
+                   for c in candidates}
+        out.append({"prompt": b.get("prompt", ""), "reference": b.get("reference"), "outputs": outputs})
     return out
+
+
+def _bar(minimum, sign: str) -> str:
+    return f"{sign} {minimum}" if minimum is not None else "(no bar set: target.min is null)"
 
 
 def write_report(cfg, task, candidates, chosen, out: Path, summary: dict) -> tuple[Path, Path]:
@@ -209,7 +215,7 @@ def write_report(cfg, task, candidates, chosen, out: Path, summary: dict) -> tup
     files.mkdir(exist_ok=True)
 
     md = [f"# {title}", "", f"Chosen model: **{chosen.name}** (exported to `{summary['export_dir']}`); target "
-          f"`{cfg.target.metric}` >= {cfg.target.min}. Total wall time {summary['wall_seconds']:.0f} s.", "",
+          f"`{cfg.target.metric}` {_bar(cfg.target.min, '>=' if cfg.target.higher_is_better else '<=')}. Total wall time {summary['wall_seconds']:.0f} s.", "",
           "## Task metrics on the held-out split", "", *_md_table(header, rows), ""]
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
          "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
@@ -217,7 +223,7 @@ def write_report(cfg, task, candidates, chosen, out: Path, summary: dict) -> tup
          "th{background:#f3f3f3}img{max-width:100%}.s{font-size:12px;white-space:pre-wrap}</style></head><body>",
          f"<h1>{html.escape(title)}</h1>",
          f"<p>Chosen model: <b>{html.escape(chosen.name)}</b>, exported to <code>{html.escape(summary['export_dir'])}"
-         f"</code>. Target <code>{html.escape(cfg.target.metric)}</code> &ge; {cfg.target.min}. "
+         f"</code>. Target <code>{html.escape(cfg.target.metric)}</code> {html.escape(_bar(cfg.target.min, '≥' if cfg.target.higher_is_better else '≤'))}. "
          f"Total wall time {summary['wall_seconds']:.0f} s.</p>",
          "<h2>Task metrics on the held-out split</h2>" + _html_table(header, rows)]
     for set_name in (candidates[0].extra if candidates else {}):
@@ -248,15 +254,16 @@ def write_report(cfg, task, candidates, chosen, out: Path, summary: dict) -> tup
         b64 = base64.b64encode(png).decode("ascii")
         h.append(f"<h2>{html.escape(heading)}</h2><img class='plot' alt='{html.escape(name)}' "
                  f"src='data:image/png;base64,{b64}'>")
-    md += ["## Sample outputs before and after", ""]
-    h.append("<h2>Sample outputs before and after</h2><table><tr><th>prompt</th><th>reference</th>"
-             f"<th>base</th><th>{html.escape(examples[0]['after_stage'] if examples else 'final')}</th></tr>")
+    names = [c.name for c in candidates]
+    md += ["## Sample outputs, every stage", ""]
+    h.append("<h2>Sample outputs, every stage</h2><table><tr><th>prompt</th><th>reference</th>"
+             + "".join(f"<th>{html.escape(n)}{' (chosen)' if n == chosen.name else ''}</th>" for n in names) + "</tr>")
     for ex in examples:
         short = ex["prompt"][:300] + ("..." if len(ex["prompt"]) > 300 else "")
-        md += [f"- **prompt**: {short!r}", f"  - reference: {ex['reference']!r}", f"  - base: {ex['before']!r}",
-               f"  - {ex['after_stage']}: {ex['after']!r}"]
+        md += [f"- **prompt**: {short!r}", f"  - reference: {ex['reference']!r}",
+               *[f"  - {n}: {ex['outputs'][n]!r}" for n in names]]
         h.append("<tr>" + "".join(f"<td class='s'>{html.escape(str(x))}</td>"
-                                  for x in (short, ex["reference"], ex["before"], ex["after"])) + "</tr>")
+                                  for x in (short, ex["reference"], *[ex["outputs"][n] for n in names])) + "</tr>")
     h.append("</table></body></html>")
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text("\n".join(h), encoding="utf-8")
