@@ -14,7 +14,6 @@ Launch: `ppolm ppo --config configs/tiny.yaml`, or `torchrun --nproc_per_node 2 
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.sampling import row_uniforms
 from ppolm.tasks import Example, Task, build_task
 from ppolm.trainers.actor_critic import build_actor_critic, param_groups, reference_logprobs
-from ppolm.trainers.common import save_or_stop, split_held_out
+from ppolm.trainers.common import save_or_stop, setup_frozen_for_gc, split_held_out
 from ppolm.trainers.ppo_state import PPOCheckpointer
 from ppolm.trainers.run_dir import StopSignals, prepare_output_dir
 from ppolm.trainers.prompts import build_prompts, step_rows
@@ -114,10 +113,6 @@ class PPOTrainer:
                            export=self.state.export_final, resumed=self.start_step > 0)
         if self.runtime.is_main:
             save_config(cfg, cfg.output_dir)
-        # Everything allocated so far lives for the whole run: freeze it out of the collector's scans, so
-        # automatic collections stay cheap and no per-step gc.collect() is needed.
-        gc.collect()
-        gc.freeze()
 
     def _build_scorer(self, reward_fn, extra_fns) -> Scorer:
         cfg = self.cfg.reward
@@ -365,28 +360,29 @@ class PPOTrainer:
         last: dict[str, float] = {}
         trip, done = None, self.start_step
         stop = StopSignals().install()
-        try:
-            if self.start_step == 0 and (origin := self.watch.start(self.actor.policy)) is not None:
-                logger.log(0, origin, advance=False)
-            for step in range(self.start_step, cfg.max_steps):
-                out = self.step(step)
-                done = step + 1
-                trip = self.watch.after_step(done, cfg.max_steps, lambda: self.actor.policy, out.metrics)
-                last = out.metrics
-                if done % cfg.log.every == 0 or done == cfg.max_steps or trip is not None:
-                    logger.log(done, out.metrics, ("reward/mean", "objective/kl", "time/step_s"))
-                if cfg.log.samples_every and done % cfg.log.samples_every == 0:
-                    logger.samples(done, out.samples)
+        with setup_frozen_for_gc():
+            try:
+                if self.start_step == 0 and (origin := self.watch.start(self.actor.policy)) is not None:
+                    logger.log(0, origin, advance=False)
+                for step in range(self.start_step, cfg.max_steps):
+                    out = self.step(step)
+                    done = step + 1
+                    trip = self.watch.after_step(done, cfg.max_steps, lambda: self.actor.policy, out.metrics)
+                    last = out.metrics
+                    if done % cfg.log.every == 0 or done == cfg.max_steps or trip is not None:
+                        logger.log(done, out.metrics, ("reward/mean", "objective/kl", "time/step_s"))
+                    if cfg.log.samples_every and done % cfg.log.samples_every == 0:
+                        logger.samples(done, out.samples)
+                    if trip is not None:
+                        break
+                    save_or_stop(self.state.save, stop, self.runtime, cfg.checkpoint.every, done, cfg.max_steps)
+                self.state.save(done)
+                self.state.export_final()
                 if trip is not None:
-                    break
-                save_or_stop(self.state.save, stop, self.runtime, cfg.checkpoint.every, done, cfg.max_steps)
-            self.state.save(done)
-            self.state.export_final()
-            if trip is not None:
-                self.watch.rollback(trip)
-        finally:
-            stop.restore()
-            logger.close()
+                    self.watch.rollback(trip)
+            finally:
+                stop.restore()
+                logger.close()
         return last
 
 

@@ -18,7 +18,6 @@ Launch: `ppolm rm --config configs/rm-tiny.yaml`; then use output_dir/final as `
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,8 +182,6 @@ class RMTrainer:
         self.start_step = self.checkpointer.maybe_resume() if cfg.resume else 0
         if self.runtime.is_main:
             save_config(cfg, cfg.output_dir)
-        gc.collect()  # everything so far lives for the whole run: keep it out of the collector's scans
-        gc.freeze()
 
     def _load_data(self) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
         cfg = self.cfg

@@ -13,7 +13,6 @@ Launch: `ppolm sft --config configs/sft-tiny.yaml`.
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,8 +267,6 @@ class SFTTrainer:
                            is_main=self.runtime.is_main, export=self.export_final, resumed=self.start_step > 0)
         if self.runtime.is_main:
             save_config(cfg, cfg.output_dir)
-        gc.collect()  # everything so far lives for the whole run: keep it out of the collector's scans
-        gc.freeze()
 
     def _load_data(self) -> tuple[list[SFTSequence], list[SFTSequence], list[Example]]:
         """Training rows, held-out rows (eval/loss) and the held-out examples themselves (eval.every)."""
