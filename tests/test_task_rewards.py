@@ -73,11 +73,11 @@ def test_toy_rewards() -> None:
 
 
 def test_registry() -> None:
-    assert set(REWARD_FUNCTIONS) == {"classification", "ner", "translation", "length", "contains"}
+    assert set(REWARD_FUNCTIONS) == {"classification", "ner", "translation", "length", "contains", "label_judge"}
     fn = get_reward_function("length", target_words=2)
     assert fn(["p"], ["a b"]) == [1.0]
     assert get_reward_function("ner") is REWARD_FUNCTIONS["ner"]
-    with pytest.raises(ConfigError, match="allowed: classification, contains, length, ner, translation"):
+    with pytest.raises(ConfigError, match="allowed: classification, contains, label_judge, length, ner, translation"):
         get_reward_function("bleurt")
     with pytest.raises(ConfigError, match="target_words"):
         get_reward_function("length", target=3)
@@ -97,6 +97,6 @@ def test_rewards_are_in_unit_interval_and_per_example(name: str) -> None:
     batch = fn([""] * 4, completions, **fields)
     assert len(batch) == 4 and all(0.0 <= r <= 1.0 for r in batch)
     # scoring one example at a time gives the same rewards as the whole batch (no batch coupling)
-    if name != "classification":  # classification without labels_all uses the batch's label set
+    if name not in ("classification", "label_judge"):  # without labels_all these use the batch's label set
         singles = [fn([""], [c], **{k: [v[i]] for k, v in fields.items()})[0] for i, c in enumerate(completions)]
         assert singles == pytest.approx(batch)
