@@ -105,6 +105,11 @@ class PipelineConfig(Section):
     """What to do when the bar is missed."""
     report: bool = True
     """Write report.html and report.md."""
+    keep_checkpoints: bool = False
+    """Keep each finished stage's resumable training checkpoints (checkpoint-N/: weights, optimizer and RNG
+    state, ~1.6 GB a stage for the embedded model). The pipeline hands on best/ or final/ and never resumes a
+    finished stage, so by default they are deleted once the stage is evaluated; true keeps them for
+    `ppolm ppo/sft resume=true max_steps=...`."""
 
     @model_validator(mode="after")
     def _check_stage_configs(self) -> "PipelineConfig":
@@ -263,6 +268,14 @@ def checkpoint_note(cfg: PipelineConfig, run_dir: Path, total_steps: int) -> str
     return f"best/ = step {b['step']} of {total_steps} (validation {b['metric']} {b['value']:.4f}){start}"
 
 
+def drop_checkpoints(cfg: PipelineConfig, run_dir: Path) -> None:
+    """Delete a finished stage's checkpoint-N/ directories unless keep_checkpoints (best/, final/ stay)."""
+    if not cfg.keep_checkpoints:
+        for ckpt in run_dir.glob("checkpoint-*"):
+            if ckpt.is_dir():
+                shutil.rmtree(ckpt)
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run the whole flow; returns the headline numbers."""
     from ppolm.models import load_model
@@ -308,6 +321,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         c = evaluator("sft", stage_model(cfg, out / "sft"), base_dir, time.perf_counter() - t0, str(out / "sft"))
         c.guard = _guard_line(read_trip(out / "sft"))
         c.checkpoint = checkpoint_note(cfg, out / "sft", scfg.max_steps)
+        drop_checkpoints(cfg, out / "sft")
         _say(f"   sft: evaluated {c.checkpoint}")
         candidates.append(c)
         starts["sft"] = c.model_dir
@@ -325,6 +339,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             trip = read_trip(out / name)
             c.guard = _guard_line(trip)
             c.checkpoint = checkpoint_note(cfg, out / name, pcfg.max_steps)
+            drop_checkpoints(cfg, out / name)
             _say(f"   {name}: evaluated {c.checkpoint}")
             candidates.append(c)
             if c.guard:

@@ -35,6 +35,7 @@ def test_pipeline_runs_every_stage_and_exports(pipeline_run):
         assert (out / name / "guard.json").is_file() and (out / name / "best" / "config.json").is_file()
         assert stage["model_dir"] == str(out / name / "best")
         assert stage["checkpoint"].startswith("best/ = step "), stage["checkpoint"]
+        assert not list((out / name).glob("checkpoint-*"))  # keep_checkpoints: false (default) drops them
         assert set(stage["extra"]["unseen"]) >= {"accuracy", "top_label_share"}
     sft_rows = [json.loads(x) for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in sft_rows if "eval/accuracy" in r] == [0, 2, 4]  # eval.at_start: step 0

@@ -194,3 +194,13 @@ def test_pipeline_reruns_into_its_own_output_dir(tmp_path):
     run_pipeline(cfg)
     assert _steps(tmp_path / "ppo" / "metrics.jsonl") == [0, 1, 2]  # one run's rows (step 0: eval.at_start)
     assert (tmp_path / "export" / "ppolm_decoding.json").is_file()
+
+
+def test_pipeline_keeps_stage_checkpoints_only_when_asked(tmp_path):
+    from ppolm.pipeline import PipelineConfig, run_pipeline
+
+    cfg = load_config(PipelineConfig, ROOT / "configs/pipeline-tiny.yaml",
+                      [f"output_dir={tmp_path}", "report=false", "ppo.max_steps=1", "sft.max_steps=1",
+                       "keep_checkpoints=true", "stages.ppo_from=sft", "adjust.max_retries=0"])
+    run_pipeline(cfg)
+    assert (tmp_path / "sft" / "checkpoint-1").is_dir() and (tmp_path / "sft-ppo" / "checkpoint-1").is_dir()
