@@ -1,7 +1,8 @@
 """Held-out evaluation during training, best-checkpoint keeping and guardrails (shared by SFT and PPO).
 
-Before the first step (``eval.at_start``), every ``eval.every`` steps and at the last step the model decodes a fixed, evenly spread set of
-held-out examples with the task's own decoding and metric; the numbers are logged as ``eval/<metric>``.
+Before the first step (``eval.at_start``), every ``eval.every`` steps and at the last step the model decodes
+a fixed, evenly spread set of held-out examples with the task's own decoding and metric; the numbers are
+logged as ``eval/<metric>``.
 When the watched metric reaches a new best, the model is exported to ``output_dir/best`` (with
 ``best.json``: step, metric, value). The guard stops a run when
 
