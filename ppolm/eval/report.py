@@ -214,8 +214,10 @@ def write_report(cfg, task, candidates, chosen, out: Path, summary: dict) -> tup
     files = out / "report_files"
     files.mkdir(exist_ok=True)
 
+    up = cfg.target.higher_is_better
     md = [f"# {title}", "", f"Chosen model: **{chosen.name}** (exported to `{summary['export_dir']}`); target "
-          f"`{cfg.target.metric}` {_bar(cfg.target.min, '>=' if cfg.target.higher_is_better else '<=')}. Total wall time {summary['wall_seconds']:.0f} s.", "",
+          f"`{cfg.target.metric}` {_bar(cfg.target.min, '>=' if up else '<=')}. "
+          f"Total wall time {summary['wall_seconds']:.0f} s.", "",
           "## Task metrics on the held-out split", "", *_md_table(header, rows), ""]
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
          "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
@@ -223,7 +225,8 @@ def write_report(cfg, task, candidates, chosen, out: Path, summary: dict) -> tup
          "th{background:#f3f3f3}img{max-width:100%}.s{font-size:12px;white-space:pre-wrap}</style></head><body>",
          f"<h1>{html.escape(title)}</h1>",
          f"<p>Chosen model: <b>{html.escape(chosen.name)}</b>, exported to <code>{html.escape(summary['export_dir'])}"
-         f"</code>. Target <code>{html.escape(cfg.target.metric)}</code> {html.escape(_bar(cfg.target.min, '≥' if cfg.target.higher_is_better else '≤'))}. "
+         f"</code>. Target <code>{html.escape(cfg.target.metric)}</code> "
+         f"{html.escape(_bar(cfg.target.min, '≥' if up else '≤'))}. "
          f"Total wall time {summary['wall_seconds']:.0f} s.</p>",
          "<h2>Task metrics on the held-out split</h2>" + _html_table(header, rows)]
     for set_name in (candidates[0].extra if candidates else {}):
