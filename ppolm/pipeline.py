@@ -257,11 +257,12 @@ def stage_model(cfg: PipelineConfig, run_dir: Path) -> str:
     return str(best if cfg.eval.use_best and (best / "config.json").is_file() else run_dir / "final")
 
 
-def checkpoint_note(cfg: PipelineConfig, run_dir: Path, total_steps: int) -> str:
-    """Which checkpoint of a stage was evaluated: best/ with its step and validation value, or final/. A best at
-    step 0 means no check during training beat the starting model, so the stage hands on the start."""
+def checkpoint_note(model_dir: str, run_dir: Path, total_steps: int) -> str:
+    """Which checkpoint of a stage was evaluated (`model_dir`, from `stage_model`): best/ with its step and
+    validation value, or final/. A best at step 0 means no check during training beat the starting model, so
+    the stage hands on the start."""
     best = run_dir / "best.json"
-    if not (cfg.eval.use_best and (run_dir / "best" / "config.json").is_file() and best.is_file()):
+    if Path(model_dir) != run_dir / "best" or not best.is_file():
         return "final/"
     b = json.loads(best.read_text(encoding="utf-8"))
     start = ": no check beat the starting model" if b["step"] == 0 else ""
@@ -276,12 +277,24 @@ def drop_checkpoints(cfg: PipelineConfig, run_dir: Path) -> None:
                 shutil.rmtree(ckpt)
 
 
+def finish_stage(cfg: PipelineConfig, c: Candidate, run_dir: Path, total_steps: int):
+    """After a training stage is evaluated: its guard outcome and the checkpoint it handed on go into `c` (and
+    one console line), and its resumable checkpoints are dropped. Returns the guard trip, if any."""
+    from ppolm.trainers.watch import read_trip
+
+    trip = read_trip(run_dir)
+    c.guard = _guard_line(trip)
+    c.checkpoint = checkpoint_note(c.model_dir, run_dir, total_steps)
+    drop_checkpoints(cfg, run_dir)
+    _say(f"   {c.name}: evaluated {c.checkpoint}")
+    return trip
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run the whole flow; returns the headline numbers."""
     from ppolm.models import load_model
     from ppolm.trainers.ppo import train_ppo
     from ppolm.trainers.sft import train_sft
-    from ppolm.trainers.watch import read_trip
 
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -319,10 +332,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         train_sft(scfg, task=train_task, eval_examples=val or None)
         c = evaluator("sft", stage_model(cfg, out / "sft"), base_dir, time.perf_counter() - t0, str(out / "sft"))
-        c.guard = _guard_line(read_trip(out / "sft"))
-        c.checkpoint = checkpoint_note(cfg, out / "sft", scfg.max_steps)
-        drop_checkpoints(cfg, out / "sft")
-        _say(f"   sft: evaluated {c.checkpoint}")
+        finish_stage(cfg, c, out / "sft", scfg.max_steps)
         candidates.append(c)
         starts["sft"] = c.model_dir
 
@@ -336,11 +346,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             train_ppo(pcfg, task=train_task, eval_examples=val or None)
             c = evaluator(name, stage_model(cfg, out / name), start_dir, time.perf_counter() - t0, str(out / name))
-            trip = read_trip(out / name)
-            c.guard = _guard_line(trip)
-            c.checkpoint = checkpoint_note(cfg, out / name, pcfg.max_steps)
-            drop_checkpoints(cfg, out / name)
-            _say(f"   {name}: evaluated {c.checkpoint}")
+            trip = finish_stage(cfg, c, out / name, pcfg.max_steps)
             candidates.append(c)
             if c.guard:
                 _say(f"   {c.guard}")

@@ -70,3 +70,10 @@ def test_pipeline_rejects_bad_reward_settings_when_the_config_is_read(tmp_path):
         load_config(PipelineConfig, None, [f"output_dir={tmp_path}/run",
                                            "ppo.reward.functions=[{name: label_judge, kwargs: {form: x}}]"])
     assert not (tmp_path / "run").exists()
+
+
+def test_label_set_flattens_row_fields_once_in_order():
+    from ppolm.eval.metrics import label_set
+
+    assert label_set([["negative", "positive"], ["negative", "positive"]]) == ["negative", "positive"]
+    assert label_set(("b", "a")) == ["b", "a"] and label_set([]) == [] and label_set(None) is None

@@ -18,6 +18,7 @@ import functools
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import (
@@ -64,6 +65,14 @@ def label_from_completion(completion: str, labels: Sequence[str]) -> str | None:
     """
     found = labels_in_completion(completion, labels)
     return found[0] if found else None
+
+
+def label_set(labels_all: Sequence[Any] | None) -> list[str] | None:
+    """The label words once, in order: a batch's ``labels_all`` row field holds one label list per row
+    (``[["negative", "positive"], ...]``); a flat list is returned as it is, None stays None."""
+    if labels_all and isinstance(labels_all[0], (list, tuple)):
+        return list(dict.fromkeys(w for row in labels_all for w in row))
+    return None if labels_all is None else list(labels_all)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -109,6 +109,8 @@ def final_logit_transform(config, logits: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     """An FSDP2 root is resharded after a no-grad forward (reference, old log-probs): gather the head for it.
     With grad the root stays unsharded until backward, so the weight is a plain tensor and its gradient

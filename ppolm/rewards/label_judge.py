@@ -23,7 +23,10 @@ from typing import Any
 
 import torch
 
+from ppolm.eval.metrics import label_set
+
 DEFAULT_QUESTION = "\nIn one word, the answer above is:\n"
+FORMS = ("prob", "margin")
 
 _JUDGES: dict[str, tuple[Any, Any, Any]] = {}  # judge name -> (model, tokenizer, autocast dtype), loaded once
 
@@ -76,16 +79,15 @@ def label_judge_reward(
     question: text put after the completion; the label words are scored as its continuation.
     form: 'prob' (in [0, 1], the scale of the 0/1 reward) or 'margin' (log-prob margin over the best other label).
     """
-    from ppolm.eval.labels import label_logprobs
+    from ppolm.eval.labels import label_logprobs  # transformers-heavy: only when the reward is used
 
     if len(label) != len(completions):
         raise ValueError(f"row field 'label' has {len(label)} items for {len(completions)} completions")
-    if form not in ("prob", "margin"):
+    if form not in FORMS:  # before the judge loads (config files are checked earlier, by _validate)
         raise ValueError(f"label_judge: form must be 'prob' or 'margin', got {form!r}")
-    if labels_all and isinstance(labels_all[0], (list, tuple)):  # row field: one label list per row
-        labels_all = list(dict.fromkeys(w for row in labels_all for w in row))
-    words = list(labels_all) if labels_all else sorted(set(label))
-    words += sorted({g for g in label if g.lower() not in {w.lower() for w in words}})
+    words = label_set(labels_all) or sorted(set(label))
+    known = {w.lower() for w in words}
+    words += sorted({g for g in label if g.lower() not in known})
     lower = [w.lower() for w in words]
     model, tok, amp = _judge(judge)
     ids = [tok(p + c + question, add_special_tokens=False)["input_ids"] for p, c in zip(prompts, completions)]
@@ -99,7 +101,7 @@ def _validate(settings: dict[str, Any]) -> None:
     from ppolm.models.load import resolve
 
     form = settings.get("form", "prob")
-    if form not in ("prob", "margin"):
+    if form not in FORMS:
         raise ConfigError(f"reward function 'label_judge': form must be 'prob' or 'margin', got {form!r}")
     resolve(str(settings.get("judge", "smollm2-135m-instruct")))  # an unknown model name fails here
 

@@ -31,7 +31,7 @@ from ppolm.data.readers import (
     read_records,
 )
 from ppolm.errors import ConfigError, DataError
-from ppolm.eval.metrics import classification_metrics, label_from_completion
+from ppolm.eval.metrics import classification_metrics, label_from_completion, label_set
 from ppolm.rewards.task_rewards import classification_reward
 from ppolm.tasks.base import Decoding, Example, RewardFn, Task, TaskOptions
 from ppolm.tasks.demo_data import demo_path
@@ -187,9 +187,7 @@ class ClassificationTask(Task):
 
         def reward(prompts, completions, *, label, labels_all=None, **fields):
             # Row fields hold one label list per row; classification_reward wants the label set once.
-            if labels_all and isinstance(labels_all[0], (list, tuple)):
-                labels_all = list(dict.fromkeys(w for row in labels_all for w in row))
-            return classification_reward(prompts, completions, label=label, labels_all=labels_all,
+            return classification_reward(prompts, completions, label=label, labels_all=label_set(labels_all),
                                          partial_credit=credit)
 
         return [(reward, 1.0)]
