@@ -104,7 +104,7 @@ class CheckpointManager:
         self.latest_file = self.run_dir / ("LATEST" if prefix == "checkpoint" else f"LATEST-{prefix}")
         self._name_re = re.compile(rf"{re.escape(prefix)}-(\d+)")
         # exact shape, so that prefix "checkpoint" never touches another manager's ".tmp-checkpoint-best-*"
-        self._temp_re = re.compile(rf"\.tmp-{re.escape(prefix)}-\d+-\d+(-deleting)?")
+        self._temp_re = re.compile(rf"\.tmp-{re.escape(prefix)}-\d+-\d+(-deleting|-shards)?")
 
     # ------------------------------------------------------------------------------------------------
     # Saving
@@ -155,6 +155,11 @@ class CheckpointManager:
         atomic_write_bytes(self.latest_file, (name + "\n").encode("utf-8"))
         self._prune(keep_also=final)
         return final
+
+    def staging_dir(self, step: int) -> Path:
+        """Where every process of a sharded save writes its shards before the main process moves them into the
+        checkpoint inside :meth:`save`; a ``.tmp-*`` name, so a crash before that leaves a stale temp dir."""
+        return self.run_dir / f".tmp-{self.prefix}-{step}-{os.getpid()}-shards"
 
     def _prune(self, keep_also: Path) -> None:
         """Delete complete checkpoints beyond the newest ``keep`` (never ``keep_also``)."""

@@ -230,6 +230,11 @@ class CheckpointConfig(Section):
     """Save a checkpoint every N steps (0 = only at the end); SIGTERM/SIGINT also save one before exiting."""
     keep: int | None = Field(2, ge=1)
     """Keep at most this many checkpoints (null = all)."""
+    sharded: bool = False
+    """Under an FSDP2 launch, each process writes its own shards of the weights and optimizer state
+    (torch.distributed.checkpoint) instead of the main process gathering full copies: no process ever holds the
+    whole state. Needs a directory every process sees; resume at the same process count. Ignored elsewhere
+    (one process or DDP hold whole models anyway)."""
 
 
 class TaskConfig(Section):

@@ -1,5 +1,5 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`) for the trainers: sharding, rollout with sharded weights,
-the global gradient norm and full state dicts for export.
+the global gradient norm, full state dicts for export and sharded checkpoints (torch.distributed.checkpoint).
 
 Requested the usual way, `accelerate launch --config_file configs/accelerate/fsdp2-cpu.yaml ...` (the launcher
 sets ACCELERATE_USE_FSDP / FSDP_VERSION). The sharding is done here and not by `accelerator.prepare`, because
@@ -166,3 +166,29 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, m
     set_model_state_dict(model, model_state, options=options)
     if optimizer is not None and optimizer_state is not None:
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | os.PathLike) -> None:
+    """Every process writes its own shards of `model`'s and `optimizer`'s state into `directory`
+    (torch.distributed.checkpoint: one file per process plus the main process's `.metadata`; a collective). No
+    process ever holds the full state, unlike `full_state_dict`; the directory must be one all processes see."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    reshard(model)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | os.PathLike) -> None:
+    """Read what `save_sharded` wrote back into the sharded `model` and `optimizer` (a collective); at the same
+    process count each process reads back exactly its own shards, so the run continues bit-exactly."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    reshard(model)
+    # the current (sharded) states give the layout to load into; the optimizer's is materialised if still empty
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=directory)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -114,6 +114,41 @@ def test_fsdp2_ppo_equals_one_process_resumes_exactly_and_exports_hf(tmp_path, o
 
 
 @pytest.mark.slow
+def test_fsdp2_sharded_checkpoints_resume_exactly_and_only_under_fsdp2(tmp_path, one_process):
+    """checkpoint.sharded: each process writes its own shards (torch.distributed.checkpoint) inside the manifest;
+    a run resumed from checkpoint-2 ends bitwise equal to the uninterrupted one; a DDP launch refuses the shards
+    in one line."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    sharded = "checkpoint.sharded=true"
+    run = accelerate_launch("fsdp2-cpu.yaml", "ppo", *COMMON, f"output_dir={full}", *TWO_PROCESSES, sharded)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_run(full, one_process)
+    ckpt = full / "checkpoint-2"
+    assert sorted(p.name for p in (ckpt / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (ckpt / "policy").exists() and not (ckpt / "optimizer.safetensors").exists()
+    listed = {e["path"] for e in json.loads((ckpt / "manifest.json").read_text())["files"]}
+    assert {"sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp"} <= listed
+    assert not list(full.glob(".tmp-*"))
+
+    part.mkdir()  # what a kill -9 after checkpoint-2 leaves
+    shutil.copytree(ckpt, part / "checkpoint-2")
+    (part / "LATEST").write_text("checkpoint-2\n")
+    shutil.copy(full / "metrics.jsonl", part / "metrics.jsonl")
+    ddp = accelerate_launch("cpu-ddp-2.yaml", "ppo", *COMMON, f"output_dir={part}", *TWO_PROCESSES, "resume=true")
+    assert ddp.returncode != 0, ddp.stderr[-3000:]  # the launcher exits 1 when its workers exit 2
+    refusals = [line for line in ddp.stderr.splitlines() if "holds FSDP2 shards" in line]
+    ours = [line for line in ddp.stderr.splitlines() if str(ROOT / "ppolm") in line]  # a traceback of ours
+    assert refusals and refusals[0].startswith("error: ") and not ours, ddp.stderr[-3000:]  # (the launcher's own
+    # traceback follows, as for any failed worker)
+    resumed = accelerate_launch("fsdp2-cpu.yaml", "ppo", *COMMON, f"output_dir={part}", *TWO_PROCESSES, sharded,
+                                "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from checkpoint-2" in resumed.stdout
+    a, b = load_file(full / "final/model.safetensors"), load_file(part / "final/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PPOLM_TEST_MULTINODE") != "1",
                     reason="flaky: on loopback, machine 0's elastic agent sometimes waits out its 300 s exit barrier "
                            "after both workers finished (seen in a CI-like run); PPOLM_TEST_MULTINODE=1 runs it")
@@ -162,10 +197,12 @@ def test_accelerate_fp16_and_deepspeed_are_refused_before_models_load_and_bf16_t
 @pytest.mark.parametrize("kind, config, one_rows, extra", [
     ("sft", "configs/sft-tiny.yaml", "batch_size=8", ["eval_every=2"]),
     ("rm", "configs/rm-tiny.yaml", "batch_size=16", ["eval_every=2"]),
+    ("sft", "configs/sft-tiny.yaml", "batch_size=8", ["checkpoint.sharded=true"]),
 ])
 def test_fsdp2_sft_and_rm_equal_one_process_and_resume_exactly(tmp_path, kind, config, one_rows, extra):
     """SFT and reward-model training sharded over 2 CPU processes = 1 process (global batch equal); resumed
-    from checkpoint-2 they end bitwise equal to the uninterrupted run; final/ loads as an HF model."""
+    from checkpoint-2 they end bitwise equal to the uninterrupted run (also from per-process shards,
+    checkpoint.sharded); final/ loads as an HF model."""
     common = ["--config", config, *QUIET, "max_steps=4", "checkpoint.every=2", "checkpoint.keep=null", *extra]
     two_rows = f"batch_size={int(one_rows.split('=')[1]) // 2}"
     one = ppolm_cli(kind, *common, f"output_dir={tmp_path / 'one'}", one_rows)
@@ -182,6 +219,7 @@ def test_fsdp2_sft_and_rm_equal_one_process_and_resume_exactly(tmp_path, kind, c
 
     part = tmp_path / "part"
     part.mkdir()
+    assert (tmp_path / "full/checkpoint-2/sharded").is_dir() == ("checkpoint.sharded=true" in extra)
     shutil.copytree(tmp_path / "full/checkpoint-2", part / "checkpoint-2")
     (part / "LATEST").write_text("checkpoint-2\n")
     resumed = accelerate_launch("fsdp2-cpu.yaml", kind, *common, f"output_dir={part}", two_rows, "resume=true")

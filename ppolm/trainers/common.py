@@ -8,7 +8,9 @@ A checkpoint of these trainers (checkpoint-N/, written crash-safely by Checkpoin
   rng.*, rng-rank<r>.*   python / numpy / torch RNG states of each process
   trainer_state.json     step, optimizer counters, config and data fingerprints, process count
 Frozen weights are not saved: they are rebuilt from the source model, which the config fingerprint pins.
-Under FSDP2 the same files are written, from the full states gathered to the main process.
+Under FSDP2 the same files are written, from the full states gathered to the main process; with
+checkpoint.sharded, sharded/ (each process's shards, torch.distributed.checkpoint) replaces trainable.* and
+optimizer.*.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import os
 import random
+import shutil
 import time
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -124,6 +128,44 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], where
             params[name].copy_(value)
 
 
+SHARDED = "sharded"  # the directory of a checkpoint that holds each process's shards (FSDP2, checkpoint.sharded)
+
+
+def save_with_shards(runtime: Runtime, manager: CheckpointManager, step: int, root: nn.Module,
+                     optimizer: torch.optim.Optimizer, write_rest: Callable[[Path], None]) -> Path | None:
+    """A crash-safe checkpoint whose weights and optimizer state are FSDP2 shards (a collective): every process
+    writes its shards into the main process's staging directory, then the main process moves them to
+    checkpoint-`step`/sharded/ inside the usual save (`write_rest` writes the other files), so the manifest covers
+    every shard and LATEST moves only once all of them are on disk."""
+    staging = Path(runtime.gather_object(str(manager.staging_dir(step)) if runtime.is_main else None)[0])
+    if runtime.is_main:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a crashed save of the same step
+        staging.mkdir(parents=True)
+    runtime.wait()
+    fsdp.save_sharded(root, optimizer, staging)
+    runtime.wait()
+    path = None
+    if runtime.is_main:
+        def write(out: Path) -> None:
+            os.rename(staging, out / SHARDED)
+            write_rest(out)
+
+        path = manager.save(step, write)
+    runtime.wait()
+    return path
+
+
+def load_shards_if_any(runtime: Runtime, path: Path, root: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Load checkpoint `path`'s FSDP2 shards into `root` and `optimizer` if it has them (True), else False."""
+    if not (path / SHARDED).is_dir():
+        return False
+    if not runtime.fsdp:
+        raise CheckpointError(f"{path.name} holds FSDP2 shards (checkpoint.sharded): resume it under the FSDP2 "
+                              f"launch that wrote it (accelerate launch --config_file <fsdp2 config> ...) [{path}]")
+    fsdp.load_sharded(root, optimizer, path / SHARDED)
+    return True
+
+
 class RunCheckpointer:
     """Save / resume of an SFT or reward-model run (see the module docstring for the layout)."""
 
@@ -131,8 +173,11 @@ class RunCheckpointer:
         self.runtime, self.cfg, self.model, self.optim, self.data_fp = runtime, config, model, optim, data_fp
         self.manager = CheckpointManager(config.output_dir, keep=config.checkpoint.keep)
 
-    def _write(self, step: int, out: Path, rng_states: list | None = None, full: tuple | None = None) -> None:
-        if full is not None:  # FSDP2: the full states every process gathered (same files as one process writes)
+    def _write(self, step: int, out: Path, rng_states: list | None = None, full: tuple | None = None,
+               sharded: bool = False) -> None:
+        if sharded:  # weights and optimizer state are already in out/sharded
+            pass
+        elif full is not None:  # FSDP2: the full states every process gathered (same files as one process writes)
             save_file(full[0], str(out / "trainable.safetensors"))
             save_state(full[1], out / "optimizer", kind="optimizer")
         else:
@@ -149,6 +194,9 @@ class RunCheckpointer:
         """Main process writes checkpoint-`step`; every process waits for it."""
         path = None
         rng_states = self.runtime.gather_object(get_rng_state())  # every rank's streams, written by the main one
+        if self.runtime.fsdp and self.cfg.checkpoint.sharded:
+            return save_with_shards(self.runtime, self.manager, step, self.optim.model, self.optim.optimizer,
+                                    lambda out: self._write(step, out, rng_states, sharded=True))
         # the optimizer's state is named from the FSDP root (self.optim.model), the weights from self.model
         full = ((fsdp.full_trainable_state(self.model), fsdp.full_optimizer_state(self.optim.model,
                                                                                    self.optim.optimizer))
@@ -166,7 +214,9 @@ class RunCheckpointer:
             return 0
         state = load_json(path / "trainer_state.json")
         self._check_same_run(state, path)
-        if self.runtime.fsdp:
+        if load_shards_if_any(self.runtime, path, self.optim.model, self.optim.optimizer):
+            pass
+        elif self.runtime.fsdp:
             root = self.optim.model
             prefix = next(f"{n}." if n else "" for n, m in root.named_modules() if m is self.model)
             weights = {prefix + k: v for k, v in load_file(str(path / "trainable.safetensors")).items()}

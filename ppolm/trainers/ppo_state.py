@@ -4,6 +4,8 @@ checkpoint-N/ (written crash-safely by CheckpointManager):
   policy/            HF model directory (safetensors; adapter only with LoRA)
   critic.safetensors value head or separate critic weights (absent for critic-free estimators)
   optimizer.*        AdamW state (safetensors + json, no pickle); scheduler.* likewise
+  sharded/           instead of policy/, critic.* and optimizer.*: each process's FSDP2 shards of them
+                     (checkpoint.sharded; torch.distributed.checkpoint)
   rng.*, rng-rank<r>.* python / numpy / torch RNG states of each process
   trainer_state.json step, KL controller, reward moments, optimizer counters, data position, fingerprints
 """
@@ -19,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from ppolm import fsdp
 from ppolm.checkpoint import CheckpointManager
 from ppolm.errors import CheckpointError
-from ppolm.trainers.common import export_model
+from ppolm.trainers.common import export_model, load_shards_if_any, save_with_shards
 from ppolm.trainers.resume import check_same_run, config_fingerprint, data_fingerprint
 from ppolm.state_io import (
     get_rng_state, load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json,
@@ -82,10 +84,13 @@ class PPOCheckpointer:
         self.t = trainer
         self.manager = CheckpointManager(trainer.cfg.output_dir, keep=trainer.cfg.checkpoint.keep)
 
-    def _write(self, step: int, out: Path, rng_states: list | None = None, full: tuple | None = None) -> None:
+    def _write(self, step: int, out: Path, rng_states: list | None = None, full: tuple | None = None,
+               sharded: bool = False) -> None:
         t = self.t
         policy = t.actor.policy
-        if full is not None:  # FSDP2: the full states every process gathered (same files as one process writes)
+        if sharded:  # weights and optimizer state are already in out/sharded
+            pass
+        elif full is not None:  # FSDP2: the full states every process gathered (same files as one process writes)
             model_state, optimizer_state = full
             policy.save_pretrained(out / "policy", state_dict=_strip(model_state, "policy."), safe_serialization=True)
             if t.actor.critic_module() is not None:
@@ -115,6 +120,9 @@ class PPOCheckpointer:
         path = None
         t = self.t
         rng_states = t.runtime.gather_object(get_rng_state())  # every rank's streams, written by the main one
+        if t.runtime.fsdp and t.cfg.checkpoint.sharded:
+            return save_with_shards(t.runtime, self.manager, step, t.actor, t.optim.optimizer,
+                                    lambda out: self._write(step, out, rng_states, sharded=True))
         full = ((fsdp.full_state_dict(t.actor), fsdp.full_optimizer_state(t.actor, t.optim.optimizer))
                 if t.runtime.fsdp else None)
         if t.runtime.is_main:
@@ -131,7 +139,9 @@ class PPOCheckpointer:
             return 0
         state = load_json(path / "trainer_state.json")
         self._check_same_run(state, path)
-        if t.runtime.fsdp:
+        if load_shards_if_any(t.runtime, path, t.actor, t.optim.optimizer):
+            pass
+        elif t.runtime.fsdp:
             model_state = {f"policy.{k}": v for k, v in load_policy_weights(path / "policy").items()}
             if t.actor.critic_module() is not None:
                 critic = load_file(str(path / "critic.safetensors"))
