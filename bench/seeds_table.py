@@ -37,15 +37,17 @@ def main() -> None:
     for metric in args.metrics.split(","):
         cols = ["test", *sets]
         print(f"\n{metric} (mean ± std over {len(summaries)} runs)\n")
-        print("| stage | " + " | ".join(cols) + " | train s | n |")
-        print("|---|" + "---|" * (len(cols) + 2))
+        print("| stage | " + " | ".join(cols) + " | train s | train peak MB | n |")
+        print("|---|" + "---|" * (len(cols) + 3))
         for name in stages:
             rows = [s["stages"][name] for s in summaries if name in s["stages"]]
             cells = [mean_std([r["metrics"][metric] for r in rows if metric in r["metrics"]])]
             cells += [mean_std([r["extra"][k][metric] for r in rows if metric in r.get("extra", {}).get(k, {})])
                       for k in sets]
             secs = statistics.mean(r["train_seconds"] for r in rows)
-            print(f"| {name} | " + " | ".join(cells) + f" | {secs:.0f} | {len(rows)} |")
+            peaks = [r["train_peak_rss_mb"] for r in rows if r.get("train_peak_rss_mb")]
+            peak = f"{max(peaks):.0f}" if peaks else "-"  # the largest over runs (older summaries lack it)
+            print(f"| {name} | " + " | ".join(cells) + f" | {secs:.0f} | {peak} | {len(rows)} |")
     if args.curves:
         print("\nper run and RL stage: sampled reward, first 5 -> last 5 steps; KL at the last step; held-out checks")
         for run, s in zip(args.runs, summaries):

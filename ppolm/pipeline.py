@@ -179,6 +179,17 @@ class Candidate:
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     guard: str | None = None
     checkpoint: str | None = None  # which of the stage's checkpoints was evaluated, e.g. "best/ = step 16 of 16"
+    train_peak_mb: float | None = None  # peak resident memory of the process during the training stage
+
+
+def _train(fn, *args, **kwargs) -> tuple[float, float]:
+    """Run one training stage; its wall seconds and the process's peak resident memory (MB) while it ran."""
+    from ppolm.runtime import peak_rss_mb, reset_peak_rss
+
+    reset_peak_rss()  # the stages share one process: without this every stage would report the largest so far
+    t0 = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - t0, peak_rss_mb()
 
 
 def _say(msg: str) -> None:
@@ -329,9 +340,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     if cfg.stages.sft:
         _say("4/6 SFT (direct supervised training)")
         scfg = stage_config(cfg, "sft", cfg.sft, out / "sft", base_dir)
-        t0 = time.perf_counter()
-        train_sft(scfg, task=train_task, eval_examples=val or None)
-        c = evaluator("sft", stage_model(cfg, out / "sft"), base_dir, time.perf_counter() - t0, str(out / "sft"))
+        secs, peak = _train(train_sft, scfg, task=train_task, eval_examples=val or None)
+        c = evaluator("sft", stage_model(cfg, out / "sft"), base_dir, secs, str(out / "sft"))
+        c.train_peak_mb = peak
         finish_stage(cfg, c, out / "sft", scfg.max_steps)
         candidates.append(c)
         starts["sft"] = c.model_dir
@@ -343,9 +354,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             name = prefix if attempt == 0 else f"{prefix}-retry{attempt}"
             _say(f"5/6 PPO ({name}) from {'the SFT model' if origin == 'sft' else base_dir}")
             pcfg = stage_config(cfg, "ppo", ppo_extra, out / name, start_dir)
-            t0 = time.perf_counter()
-            train_ppo(pcfg, task=train_task, eval_examples=val or None)
-            c = evaluator(name, stage_model(cfg, out / name), start_dir, time.perf_counter() - t0, str(out / name))
+            secs, peak = _train(train_ppo, pcfg, task=train_task, eval_examples=val or None)
+            c = evaluator(name, stage_model(cfg, out / name), start_dir, secs, str(out / name))
+            c.train_peak_mb = peak
             trip = finish_stage(cfg, c, out / name, pcfg.max_steps)
             candidates.append(c)
             if c.guard:
@@ -371,7 +382,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         "split": {"train": len(train), "validation": len(val), "test": len(held),
                   **{k: len(v) for k, v in extra.items()}},
         "stages": {c.name: {"metrics": _scalars(c.metrics), "train_seconds": c.train_seconds,
-                            "eval_seconds": c.eval_seconds, "model_dir": c.model_dir, "guard": c.guard,
+                            "train_peak_rss_mb": c.train_peak_mb, "eval_seconds": c.eval_seconds, "model_dir": c.model_dir, "guard": c.guard,
                             "checkpoint": c.checkpoint,
                             "extra": {k: _scalars(v) for k, v in c.extra.items()}} for c in candidates},
     }
@@ -418,12 +429,12 @@ def _print_headline(cfg: PipelineConfig, candidates: list[Candidate], chosen: Ca
     metric = cfg.target.metric
     sets = list(candidates[0].extra)
     print(f"\n== ppolm run: {metric} on the test split{''.join(', ' + k for k in sets)} ==")
-    print(f"{'stage':16s} {'test':>8s}" + "".join(f" {k[:14]:>14s}" for k in sets) + f" {'train s':>8s}")
+    print(f"{'stage':16s} {'test':>8s}" + "".join(f" {k[:14]:>14s}" for k in sets) + f" {'train s':>8s} {'peak MB':>8s}")
     for c in candidates:
         cells = [c.metrics.get(metric), *[c.extra.get(k, {}).get(metric) for k in sets]]
         text = [round(v, 4) if isinstance(v, float) else v for v in cells]
         print(f"{c.name:16s} {text[0]!s:>8s}" + "".join(f" {v!s:>14s}" for v in text[1:])
-              + f" {c.train_seconds:8.0f}" + ("  (guard stopped it)" if c.guard else ""))
+              + f" {c.train_seconds:8.0f} {c.train_peak_mb or 0:8.0f}" + ("  (guard stopped it)" if c.guard else ""))
     from ppolm.eval.report import comparisons
 
     for line in comparisons(candidates, metric, cfg.target.higher_is_better):

@@ -131,3 +131,31 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
     except (AttributeError, RuntimeError):
         return None
+
+
+def reset_peak_rss() -> bool:
+    """Restart this process's peak-resident-memory counter, so that `peak_rss_mb` measures from here (Linux:
+    writing 5 to /proc/self/clear_refs resets VmHWM). False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB since the last `reset_peak_rss` (VmHWM), or since it started
+    where /proc is missing (ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2**20 if sys.platform == "darwin" else kib / 1024  # bytes on macOS, KiB elsewhere

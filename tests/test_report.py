@@ -37,6 +37,10 @@ def test_pipeline_runs_every_stage_and_exports(pipeline_run):
         assert stage["checkpoint"].startswith("best/ = step "), stage["checkpoint"]
         assert not list((out / name).glob("checkpoint-*"))  # keep_checkpoints: false (default) drops them
         assert set(stage["extra"]["unseen"]) >= {"accuracy", "top_label_share"}
+    # each training stage's own peak memory; the base model trains nothing
+    assert summary["stages"]["base"]["train_peak_rss_mb"] is None
+    peaks = [summary["stages"][s]["train_peak_rss_mb"] for s in ("sft", "ppo", "sft-ppo")]
+    assert all(100 < p < 24_000 for p in peaks), peaks
     sft_rows = [json.loads(x) for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in sft_rows if "eval/accuracy" in r] == [0, 2, 4]  # eval.at_start: step 0
     ppo_cfg = json.loads(json.dumps(__import__("yaml").safe_load((out / "sft-ppo" / "config.yaml").read_text())))
@@ -63,7 +67,7 @@ def test_report_is_self_contained_with_plots(pipeline_run):
     assert images == ["training curves", "ROC curves", "confusion matrices"]
     assert "src='http" not in page and 'src="http' not in page
     md = (out / "report.md").read_text()
-    assert "| stage | accuracy" in md and "## Sample outputs, every stage" in md
+    assert "| stage | accuracy" in md and "train peak MB |" in md and "## Sample outputs, every stage" in md
     stages = json.loads((out / "summary.json").read_text())["stages"]
     assert all(f"  - {stage}: " in md for stage in stages)  # every stage's answer to each sample
     assert "## Task metrics on unseen" in md and "## Guardrails" in md and "guard.max_kl" in md

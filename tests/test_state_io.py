@@ -264,3 +264,21 @@ def test_safe_torch_load(tmp_path: Path) -> None:
     live = tmp_path / "control"
     pickle.loads(pickle.dumps(_Payload(live))).close()
     assert live.exists()
+
+
+def test_peak_rss_restarts_from_the_reset():
+    """reset_peak_rss makes peak_rss_mb measure from the reset: a 400 MB array freed before it no longer counts."""
+    import numpy as np
+
+    from ppolm.runtime import peak_rss_mb, reset_peak_rss
+
+    big = np.ones(400 * 2**20 // 8)
+    before = peak_rss_mb()
+    del big
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs on this system")
+    after = peak_rss_mb()
+    assert before - after > 300, (before, after)
+    small = np.ones(100 * 2**20 // 8)
+    assert peak_rss_mb() - after > 80
+    del small

@@ -145,10 +145,15 @@ def metrics_table(candidates, extra_set: str | None = None) -> tuple[list[str], 
         return c.metrics if extra_set is None else c.extra.get(extra_set, {})
 
     keys = [k for k in HEADLINE_METRICS if any(isinstance(of(c).get(k), (int, float)) for c in candidates)]
-    timing = ["train s", "eval s"] if extra_set is None else []
+    timing = ["train s", "train peak MB", "eval s"] if extra_set is None else []
     header = ["stage", *keys, *timing]
+
+    def peak(c) -> str:
+        mb = getattr(c, "train_peak_mb", None)
+        return "-" if mb is None else f"{mb:.0f}"
+
     rows = [[c.name, *[_fmt(of(c).get(k)) for k in keys],
-             *([f"{c.train_seconds:.0f}", f"{c.eval_seconds:.0f}"] if extra_set is None else [])]
+             *([f"{c.train_seconds:.0f}", peak(c), f"{c.eval_seconds:.0f}"] if extra_set is None else [])]
             for c in candidates]
     return header, rows
 
