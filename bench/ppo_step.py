@@ -3,7 +3,8 @@
     python bench/ppo_step.py [--models tiny-random-llama,smollm2-135m-instruct] [--steps 3] [--responses 24,96,256]
 
 Batch 8 prompts, responses of exactly R tokens (EOS suppressed), a reward model (sequence-classification head on
-the policy's backbone) as the reward on every side, one PPO epoch of one minibatch. Sides: ppolm; the fp32 floor
+the policy's backbone) as the reward on every side, one PPO epoch of one minibatch. Sides: ppolm; ppolm-lora (the
+LoRA fast path, opt-in: adapters only, not the floor's work, reported apart); the fp32 floor
 and the bf16-autocast floor (`bench/floor.py`, what a competent plain implementation does). Each side runs in its
 own process, one after the other, so its peak RSS is its own. Reports medians over --steps measured steps after
 one warm-up step, the update phase's achieved FLOP/s against this machine's matmul peak, s/step at every response
@@ -57,7 +58,7 @@ def rm_dir(model_name: str, root: Path) -> str:
     return str(out)
 
 
-def ppolm_trainer(model: str, rm: str, steps: int, R: int, out_dir: Path):
+def ppolm_trainer(model: str, rm: str, steps: int, R: int, out_dir: Path, extra: tuple[str, ...] = ()):
     from ppolm.config import PPORunConfig, load_config
     from ppolm.trainers.ppo import PPOTrainer
 
@@ -65,7 +66,7 @@ def ppolm_trainer(model: str, rm: str, steps: int, R: int, out_dir: Path):
         f"model={model}", f"output_dir={out_dir}", "task.name=toy", "task.options.prompt_words=30",
         f"rollout.batch_size={B}", f"rollout.max_new_tokens={R}", f"rollout.min_new_tokens={R}",
         "ppo.minibatch_size=8", "log.progress=false", "log.tensorboard=false", f"reward.model={rm}",
-        "optim.lr=1e-6", f"max_steps={steps + 1}", "checkpoint.every=0",
+        "optim.lr=1e-6", f"max_steps={steps + 1}", "checkpoint.every=0", *extra,
     ])
     return PPOTrainer(cfg)
 
@@ -89,8 +90,10 @@ def child(side: str, model: str, steps: int, R: int, rm: str) -> dict:
     torch.manual_seed(0)
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = ppolm_trainer(model, rm, steps, R, Path(tmp) / "run")
-        if side == "ppolm":
+        # ppolm-lora: the LoRA fast path (adapters only train; the reference is the policy with adapters off)
+        extra = ("lora.enabled=true", "optim.lr=1e-4") if side == "ppolm-lora" else ()
+        trainer = ppolm_trainer(model, rm, steps, R, Path(tmp) / "run", extra)
+        if side in ("ppolm", "ppolm-lora"):
             rows = [trainer.step(s).metrics for s in range(steps + 1)][1:]
             keys = {"rollout": "time/rollout_s", "scoring": "time/score_s", "ref_values": "time/experience_s",
                     "update": "time/update_s", "total": "time/step_s"}
@@ -126,7 +129,8 @@ def main() -> None:
     ap.add_argument("--models", default="tiny-random-llama,smollm2-135m-instruct")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--responses", default="24", help="response lengths, e.g. 24,96,256")
-    ap.add_argument("--sides", default="ppolm,floor,floor-bf16")
+    ap.add_argument("--sides", default="ppolm,floor,floor-bf16",
+                    help="any of ppolm, ppolm-lora (LoRA adapters, full-rank floor), floor, floor-bf16")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rm", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -152,7 +156,7 @@ def main() -> None:
                 print(f"{k:12s}" + "".join(f" {res[s][k]:11.3f}" for s in sides)
                       + "".join(f" {res[s][k] / base:17.2f}" for s in sides if s != "ppolm" and base))
             print("peak RSS GiB" + "".join(f" {res[s]['peak_rss_gib']:11.2f}" for s in sides))
-            if "ppolm" in res:
+            if "ppolm" in res:  # (ppolm-lora computes no weight gradients: its FLOPs are not these)
                 p = res["ppolm"]
                 peak = peak16 if p["bf16"] else peak32
                 print(f"update phase: {p['update_flops'] / p['update'] / 1e9:.0f} GFLOP/s achieved = "
@@ -167,6 +171,9 @@ def main() -> None:
         first = by_len[lengths[0]]
         if "ppolm" in first and "floor-bf16" in first:
             print(f"speedup bf16-floor/ppolm = {first['floor-bf16']['total'] / first['ppolm']['total']:.2f}")
+        if "ppolm-lora" in first and "floor" in first:
+            print(f"speedup floor/ppolm-lora = {first['floor']['total'] / first['ppolm-lora']['total']:.2f} "
+                  "(LoRA against a full fine-tuning floor: not the same work)")
         if "ppolm" in first and "floor" in first:
             speedup = first["floor"]["total"] / first["ppolm"]["total"]
     print(f"speedup floor/ppolm = {speedup:.2f}")
