@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
@@ -253,16 +254,24 @@ def export_model(
     return out
 
 
+@dataclass
+class StepOutput:
+    """Metrics of one step and the samples to show (a trainer's step may return this or the metrics alone)."""
+
+    metrics: dict[str, float]
+    samples: list[dict]
+
+
 class LoopTrainer(Protocol):
-    """What `train_loop` drives: a trainer with numbered steps, an evaluation and a checkpointer."""
+    """What `train_loop` drives: a trainer with numbered steps, an evaluation and a checkpointer (SFT, RM, PPO)."""
 
     cfg: Any
     runtime: Runtime
     start_step: int
     total_steps: int
-    checkpointer: RunCheckpointer
+    checkpointer: Any  # .save(step)
 
-    def step(self, step: int) -> dict[str, float]: ...
+    def step(self, step: int) -> dict[str, float] | StepOutput: ...
     def evaluate(self) -> dict[str, float]: ...
     def export_final(self) -> Path | None: ...
     def generating_model(self) -> nn.Module: ...
@@ -295,9 +304,10 @@ def save_or_stop(save: Callable[[int], object], stop: StopSignals, runtime: Runt
 
 
 def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...], watch: Watch | None = None) -> dict[str, float]:
-    """Steps start_step .. total_steps: step, evaluate every cfg.eval_every steps and at the end, the task's
-    metric when `watch` says so (and stop when its guard fires), log, checkpoint every cfg.checkpoint.every
-    steps and at the end, then export output_dir/final (rolled back to best/ after a guard stop).
+    """Steps start_step .. total_steps: step, evaluate every cfg.eval_every steps and at the end (when the trainer
+    has an evaluation), the task's metric when `watch` says so (and stop when its guard fires), log (and the
+    step's samples every cfg.log.samples_every steps), checkpoint every cfg.checkpoint.every steps and at the
+    end, then export output_dir/final (rolled back to best/ after a guard stop).
     Returns the last step's metrics (with the final evaluation)."""
     cfg = t.cfg
     logger = MetricsLogger(cfg.output_dir, enabled=t.runtime.is_main, total=t.total_steps, initial=t.start_step,
@@ -309,18 +319,23 @@ def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...], watch: Watc
         try:
             if watch is not None and t.start_step == 0 and (origin := watch.start(t.generating_model())) is not None:
                 logger.log(0, origin, advance=False)
+            eval_every = getattr(cfg, "eval_every", 0)  # PPO has none: its held-out check is the watch's
             for step in range(t.start_step, t.total_steps):
-                metrics = t.step(step)
+                out = t.step(step)
+                metrics, samples = (out.metrics, out.samples) if isinstance(out, StepOutput) else (out, [])
                 done = step + 1
-                if done == t.total_steps or (cfg.eval_every and done % cfg.eval_every == 0):
+                if done == t.total_steps or (eval_every and done % eval_every == 0):
                     t0 = time.perf_counter()
-                    # evaluation first: the CLI prints the first few metrics of the result as its headline
-                    metrics = {**t.evaluate(), **metrics, "time/eval_s": time.perf_counter() - t0}
+                    evaluation = t.evaluate()
+                    if evaluation:  # first: the CLI prints the first few metrics of the result as its headline
+                        metrics = {**evaluation, **metrics, "time/eval_s": time.perf_counter() - t0}
                 if watch is not None:
                     trip = watch.after_step(done, t.total_steps, t.generating_model, metrics)
                 last = metrics
                 if done % cfg.log.every == 0 or done == t.total_steps or trip is not None:
                     logger.log(done, metrics, headline)
+                if samples and cfg.log.samples_every and done % cfg.log.samples_every == 0:
+                    logger.samples(done, samples)
                 if trip is not None:
                     break
                 save_or_stop(t.checkpointer.save, stop, t.runtime, cfg.checkpoint.every, done, t.total_steps)

@@ -15,9 +15,10 @@ Launch: `ppolm ppo --config configs/tiny.yaml`, or `torchrun --nproc_per_node 2 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from ppolm.algo.advantages import shaped_rewards
 from ppolm.algo.estimators import estimate, get_estimator
@@ -25,7 +26,6 @@ from ppolm.algo.kl import make_kl_controller
 from ppolm.algo.losses import entropy_bonus, explained_variance, kl_loss, policy_loss, value_loss
 from ppolm.config import PPORunConfig, save_config
 from ppolm.data.collate import left_pad_collate
-from ppolm.logger import MetricsLogger
 from ppolm.models import load_model, load_tokenizer
 from ppolm.ops import masked_mean
 from ppolm.rewards.compose import RewardFn, Scorer, resolve_reward_function
@@ -34,9 +34,9 @@ from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.sampling import row_uniforms
 from ppolm.tasks import Example, Task, build_task
 from ppolm.trainers.actor_critic import build_actor_critic, param_groups, reference_logprobs
-from ppolm.trainers.common import save_or_stop, setup_frozen_for_gc, split_held_out
+from ppolm.trainers.common import StepOutput, split_held_out, train_loop
 from ppolm.trainers.ppo_state import PPOCheckpointer
-from ppolm.trainers.run_dir import StopSignals, prepare_output_dir
+from ppolm.trainers.run_dir import prepare_output_dir
 from ppolm.trainers.prompts import build_prompts, step_rows
 from ppolm.trainers.watch import Watch
 from ppolm.types import Experience, Rollout
@@ -45,14 +45,6 @@ from ppolm.update import Optimization
 
 # logprobs, values (None without a critic), entropy: (B, R) each
 PolicyOut = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
-
-
-@dataclass
-class StepOutput:
-    """Metrics of one step and the samples to show."""
-
-    metrics: dict[str, float]
-    samples: list[dict]
 
 
 class PPOTrainer:
@@ -352,38 +344,28 @@ class PPOTrainer:
         ]
         return StepOutput(metrics, samples)
 
+    # What train_loop (shared with SFT and RM) reads: the step count, the checkpointer, an evaluation, the export
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.max_steps
+
+    @property
+    def checkpointer(self) -> PPOCheckpointer:
+        return self.state
+
+    def evaluate(self) -> dict[str, float]:
+        """No loss-based evaluation in PPO: its held-out check is the task metric of `watch` (eval.every)."""
+        return {}
+
+    def export_final(self) -> Path | None:
+        return self.state.export_final()
+
+    def generating_model(self) -> nn.Module:
+        return self.actor.policy
+
     def train(self) -> dict[str, float]:
         """Run steps start_step .. max_steps; returns the last step's metrics."""
-        cfg = self.cfg
-        logger = MetricsLogger(cfg.output_dir, enabled=self.runtime.is_main, total=cfg.max_steps,
-                               initial=self.start_step, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
-        last: dict[str, float] = {}
-        trip, done = None, self.start_step
-        stop = StopSignals().install()
-        with setup_frozen_for_gc():
-            try:
-                if self.start_step == 0 and (origin := self.watch.start(self.actor.policy)) is not None:
-                    logger.log(0, origin, advance=False)
-                for step in range(self.start_step, cfg.max_steps):
-                    out = self.step(step)
-                    done = step + 1
-                    trip = self.watch.after_step(done, cfg.max_steps, lambda: self.actor.policy, out.metrics)
-                    last = out.metrics
-                    if done % cfg.log.every == 0 or done == cfg.max_steps or trip is not None:
-                        logger.log(done, out.metrics, ("reward/mean", "objective/kl", "time/step_s"))
-                    if cfg.log.samples_every and done % cfg.log.samples_every == 0:
-                        logger.samples(done, out.samples)
-                    if trip is not None:
-                        break
-                    save_or_stop(self.state.save, stop, self.runtime, cfg.checkpoint.every, done, cfg.max_steps)
-                self.state.save(done)
-                self.state.export_final()
-                if trip is not None:
-                    self.watch.rollback(trip)
-            finally:
-                stop.restore()
-                logger.close()
-        return last
+        return train_loop(self, "ppo", ("reward/mean", "objective/kl", "time/step_s"), watch=self.watch)
 
 
 def train_ppo(config: PPORunConfig, reward_fn: RewardFn | list[RewardFn] | None = None,
