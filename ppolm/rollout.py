@@ -7,6 +7,7 @@ resume, process-count invariance), stops rows at EOS or stop strings, and return
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -56,12 +57,16 @@ def generate(
     autocast_dtype: torch.dtype | None = None,
     prompts: list[str] | None = None,
     samples_per_prompt: int = 1,
+    all_finished: Callable[[bool], bool] | None = None,
 ) -> Rollout:
     """Sample up to max_new_tokens per row. prompt_ids/prompt_mask (B, P) left-padded; uniforms (N, R_max) with
     N = B x samples_per_prompt rows, the k samples of prompt b in rows [b*k, (b+1)*k); prompts: N strings.
 
     A row ends at its first EOS token (kept, masked in) or when its decoded text contains a stop string
     (the response keeps the token that completed it; the completion text is cut before the stop string).
+    all_finished(this process's rows all ended) -> whether every process's have: decoding stops only then. With
+    FSDP2-sharded weights every forward is a collective, so a process whose rows ended first must keep stepping
+    (its rows stay padded and masked out) until the last process is done.
     """
     device = prompt_ids.device
     k = samples_per_prompt
@@ -109,7 +114,8 @@ def generate(
                     if truncate_at_stop(text, stop)[1]:
                         finished[b] = ended[b] = True
             steps = t + 1
-            if bool(finished.all()):
+            done = bool(finished.all())
+            if done if all_finished is None else all_finished(done):
                 break
             input_ids = next_tokens.unsqueeze(-1)
             attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], dim=1)

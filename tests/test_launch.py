@@ -198,6 +198,23 @@ def wait_for_machines(machines: list[subprocess.Popen], logs: list[Path], timeou
     return codes
 
 
+@pytest.mark.slow
+def test_fsdp2_rollout_steps_until_every_process_is_done(tmp_path):
+    """Sharded weights make every decode step a collective: a process whose rows all ended must keep stepping
+    until the last process is done (rank 0's rows end at their first token, rank 1's run 12 tokens). Without the
+    all_finished reduction rank 0 leaves the loop and rank 1's next forward fails."""
+    def run(mode: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "tests/scripts/fsdp_generate_sync.py", mode]
+        return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+
+    synced = run("synced")
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    assert "rank 0 width 12 ended [True, True] tokens 2" in synced.stdout, synced.stdout
+    assert "rank 1 width 12 ended [False, False] tokens 24" in synced.stdout, synced.stdout
+    assert run("unsynced").returncode != 0
+
+
 def test_a_launcher_stuck_in_the_exit_barrier_counts_only_after_its_workers_succeeded(tmp_path):
     """wait_for_machines: once one launcher exits, one still running after the grace period is killed; it counts
     as exit 0 only if its log says its workers finished successfully."""

@@ -142,6 +142,8 @@ class PPOTrainer:
             max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
             top_k=r.top_k, top_p=r.top_p,
             stop=r.stop, autocast_dtype=self.amp, prompts=[self.prompts.texts[i] for i in idx], samples_per_prompt=k,
+            # FSDP2: every decode step gathers the sharded weights, so all processes step until the last is done
+            all_finished=(lambda done: not self.runtime.broadcast_flag(not done)) if self.runtime.fsdp else None,
         )
         return out, [self.prompts.examples[i] for i in idx], idx
 
