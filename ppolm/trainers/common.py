@@ -156,15 +156,12 @@ def save_with_shards(runtime: Runtime, manager: CheckpointManager, step: int, ro
     return path
 
 
-def load_shards_if_any(runtime: Runtime, path: Path, root: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-    """Load checkpoint `path`'s FSDP2 shards into `root` and `optimizer` if it has them (True), else False."""
-    if not (path / SHARDED).is_dir():
-        return False
+def load_shards(runtime: Runtime, path: Path, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load checkpoint `path`'s FSDP2 shards (its sharded/ directory) into `root` and `optimizer`."""
     if not runtime.fsdp:
         raise CheckpointError(f"{path.name} holds FSDP2 shards (checkpoint.sharded): resume it under the FSDP2 "
                               f"launch that wrote it (accelerate launch --config_file <fsdp2 config> ...) [{path}]")
     fsdp.load_sharded(root, optimizer, path / SHARDED)
-    return True
 
 
 class RunCheckpointer:
@@ -176,12 +173,11 @@ class RunCheckpointer:
 
     def _write(self, step: int, out: Path, rng_states: list | None = None, full: tuple | None = None,
                sharded: bool = False) -> None:
-        if sharded:  # weights and optimizer state are already in out/sharded
-            pass
-        elif full is not None:  # FSDP2: the full states every process gathered (same files as one process writes)
+        # sharded: the weights and optimizer state are already in out/sharded
+        if full is not None:  # FSDP2: the full states every process gathered (same files as one process writes)
             save_file(full[0], str(out / "trainable.safetensors"))
             save_state(full[1], out / "optimizer", kind="optimizer")
-        else:
+        elif not sharded:
             save_file(trainable_state(self.model), str(out / "trainable.safetensors"))
             save_optimizer_state(self.optim.optimizer, out / "optimizer")
         save_scheduler_state(self.optim.scheduler, out / "scheduler")
@@ -215,8 +211,8 @@ class RunCheckpointer:
             return 0
         state = load_json(path / "trainer_state.json")
         self._check_same_run(state, path)
-        if load_shards_if_any(self.runtime, path, self.optim.model, self.optim.optimizer):
-            pass
+        if (path / SHARDED).is_dir():
+            load_shards(self.runtime, path, self.optim.model, self.optim.optimizer)
         elif self.runtime.fsdp:
             root = self.optim.model
             prefix = next(f"{n}." if n else "" for n, m in root.named_modules() if m is self.model)

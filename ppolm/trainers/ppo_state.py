@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from ppolm import fsdp
 from ppolm.checkpoint import CheckpointManager
 from ppolm.errors import CheckpointError
-from ppolm.trainers.common import export_model, load_shards_if_any, save_with_shards
+from ppolm.trainers.common import SHARDED, export_model, load_shards, save_with_shards
 from ppolm.trainers.resume import check_same_run, config_fingerprint, data_fingerprint
 from ppolm.state_io import (
     get_rng_state, load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json,
@@ -88,15 +88,14 @@ class PPOCheckpointer:
                sharded: bool = False) -> None:
         t = self.t
         policy = t.actor.policy
-        if sharded:  # weights and optimizer state are already in out/sharded
-            pass
-        elif full is not None:  # FSDP2: the full states every process gathered (same files as one process writes)
+        # sharded: the weights and optimizer state are already in out/sharded
+        if full is not None:  # FSDP2: the full states every process gathered (same files as one process writes)
             model_state, optimizer_state = full
             policy.save_pretrained(out / "policy", state_dict=_strip(model_state, "policy."), safe_serialization=True)
             if t.actor.critic_module() is not None:
                 save_file(_strip(model_state, _critic_prefix(t)), str(out / "critic.safetensors"))
             save_state(optimizer_state, out / "optimizer", kind="optimizer")
-        else:
+        elif not sharded:
             policy.save_pretrained(out / "policy", safe_serialization=True)
             critic = _critic_state(t)
             if critic is not None:
@@ -139,8 +138,8 @@ class PPOCheckpointer:
             return 0
         state = load_json(path / "trainer_state.json")
         self._check_same_run(state, path)
-        if load_shards_if_any(t.runtime, path, t.actor, t.optim.optimizer):
-            pass
+        if (path / SHARDED).is_dir():
+            load_shards(t.runtime, path, t.actor, t.optim.optimizer)
         elif t.runtime.fsdp:
             model_state = {f"policy.{k}": v for k, v in load_policy_weights(path / "policy").items()}
             if t.actor.critic_module() is not None:
