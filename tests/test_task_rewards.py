@@ -58,6 +58,13 @@ def test_translation_reward() -> None:
     hyps = ["the cat sat on a mat", "hello world"]
     chrf = translation_reward(["", ""], hyps, reference=refs)
     assert chrf[0] == pytest.approx(sentence_chrf(hyps[0], refs[0]) / 100) and chrf[1] == 1.0
+    # a hypothesis that says the reference twice: all recall, half the precision. beta 2 (recall weighted) still
+    # pays it well, beta 1 does not
+    doubled = ["the cat sat on the mat the cat sat on the mat"]
+    chrf2 = translation_reward([""], doubled, reference=refs[:1])[0]
+    chrf1 = translation_reward([""], doubled, reference=refs[:1], metric="chrf1")[0]
+    assert chrf1 == pytest.approx(sentence_chrf(doubled[0], refs[0], beta=1) / 100)
+    assert chrf2 > 0.75 and chrf1 < 0.7 and chrf1 < chrf2, (chrf1, chrf2)
     bleu = translation_reward(["", ""], [" " + h for h in hyps], reference=refs, metric="bleu")
     assert 0.0 < bleu[0] < 1.0 and bleu[1] == 1.0
     with pytest.raises(ConfigError):

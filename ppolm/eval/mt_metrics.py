@@ -33,9 +33,9 @@ def _bleu(tokenize: str, sentence: bool) -> BLEU:
     return BLEU(tokenize=tokenize, effective_order=sentence)
 
 
-@functools.lru_cache(maxsize=1)
-def _chrf() -> CHRF:
-    return CHRF()
+@functools.lru_cache(maxsize=2)
+def _chrf(beta: int = 2) -> CHRF:
+    return CHRF(beta=beta)
 
 
 @functools.lru_cache(maxsize=2)
@@ -85,6 +85,7 @@ def sentence_bleu(hyp: str, ref: str, target_lang: str | None = None) -> float:
     return min(100.0, max(0.0, float(score)))  # float error can give 100.00000000000004
 
 
-def sentence_chrf(hyp: str, ref: str) -> float:
-    """Sentence chrF (0..100), the smoother choice for per-example rewards."""
-    return min(100.0, max(0.0, float(_chrf().sentence_score(hyp, [ref]).score)))
+def sentence_chrf(hyp: str, ref: str, beta: int = 2) -> float:
+    """Sentence chrF (0..100), the smoother choice for per-example rewards. beta = 2 (chrF's standard) weighs
+    character n-gram recall twice as much as precision; beta = 1 weighs them equally."""
+    return min(100.0, max(0.0, float(_chrf(beta).sentence_score(hyp, [ref]).score)))

@@ -105,13 +105,15 @@ def translation_reward(
     target_lang: str | None = None,
     **_unused: Any,
 ) -> list[float]:
-    """Sentence chrF (default) or sentence BLEU of each completion against its reference, / 100."""
+    """Sentence chrF (default), chrF with beta = 1 ('chrf1') or sentence BLEU of each completion against its
+    reference, / 100."""
     _check_lengths(completions, reference=reference)
-    if metric == "chrf":
-        return [sentence_chrf(c.strip(), r) / 100.0 for c, r in zip(completions, reference)]
+    if metric in ("chrf", "chrf1"):
+        beta = 1 if metric == "chrf1" else 2
+        return [sentence_chrf(c.strip(), r, beta) / 100.0 for c, r in zip(completions, reference)]
     if metric == "bleu":
         return [sentence_bleu(c.strip(), r, target_lang) / 100.0 for c, r in zip(completions, reference)]
-    raise ConfigError(f"translation_reward metric must be 'chrf' or 'bleu', got {metric!r}")
+    raise ConfigError(f"translation_reward metric must be 'chrf', 'chrf1' or 'bleu', got {metric!r}")
 
 
 def length_reward(

@@ -65,8 +65,9 @@ class TranslationOptions(TaskOptions):
     """Field (or TSV header column) of the source text in JSONL/CSV/TSV files."""
     target_field: str = "target"
     """Field (or TSV header column) of the reference translation."""
-    metric: Literal["chrf", "bleu"] = "chrf"
-    """Sentence metric used as the reward."""
+    metric: Literal["chrf", "chrf1", "bleu"] = "chrf"
+    """Sentence metric used as the reward: chrF (beta 2, recall weighted: RL learns to pay for it with longer,
+    repeating outputs), chrF with beta 1 (precision and recall alike) or BLEU (sparse for weak models)."""
     instruction: str = DEFAULT_INSTRUCTION
     """Prompt template with {src}, {tgt} (language names) and {text}."""
 
