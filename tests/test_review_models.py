@@ -84,3 +84,37 @@ def test_separate_critic_with_untied_embeddings_on_two_processes(tmp_path):
         cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_lora_merged_generation_matches_the_adapters_and_restores_the_weights_exactly():
+    """lora_merged_for_generation: the forward with W + scale*B@A and adapters off equals the LoRA forward (to
+    rounding), and afterwards every base weight is the very tensor it was (bit-exact, no merge/unmerge drift)."""
+    import torch
+
+    from ppolm.models import load_model
+    from ppolm.models.policy import apply_lora, lora_merged_for_generation
+
+    torch.manual_seed(0)
+    model = apply_lora(load_model("tiny-random-llama"), r=4, alpha=8.0, dropout=0.0, target_modules="all-linear")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # peft starts B at zero: make the adapters matter
+    model.eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 250, (2, 7))
+    with torch.no_grad():
+        lora = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        with lora_merged_for_generation(model):
+            merged = model(input_ids=ids).logits
+    assert (lora - base).abs().max() > 1e-2  # the adapters change the output
+    assert torch.allclose(merged, lora, atol=1e-5), (merged - lora).abs().max()
+    with torch.no_grad(), lora_merged_for_generation(model, torch.bfloat16):  # merged once, in the autocast dtype
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            merged16 = model(input_ids=ids).logits
+        assert model.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.bfloat16
+    assert torch.allclose(merged16.float(), lora, atol=0.05), (merged16.float() - lora).abs().max()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n

@@ -27,6 +27,7 @@ from ppolm.algo.losses import entropy_bonus, explained_variance, kl_loss, policy
 from ppolm.config import PPORunConfig, save_config
 from ppolm.data.collate import left_pad_collate
 from ppolm.models import load_model, load_tokenizer
+from ppolm.models.policy import lora_merged_for_generation
 from ppolm.ops import masked_mean
 from ppolm.rewards.compose import RewardFn, Scorer, resolve_reward_function
 from ppolm.rollout import generate
@@ -137,15 +138,20 @@ class PPOTrainer:
         uniforms = row_uniforms(self.cfg.seed, step, [pos * k + j for pos, _ in rows for j in range(k)],
                                 r.max_new_tokens)
         self.actor.eval()  # rollout and scoring run in eval mode; update() switches to train mode
-        out = generate(
+        with lora_merged_for_generation(self.actor.policy, self.amp):  # (no-op without LoRA)
+            out = self._generate(ids, mask, uniforms, [self.prompts.texts[i] for i in idx])
+        return out, [self.prompts.examples[i] for i in idx], idx
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, uniforms: torch.Tensor, prompts: list[str]) -> Rollout:
+        r = self.cfg.rollout
+        return generate(
             self.actor.policy, self.tokenizer, ids.to(self.runtime.device), mask.to(self.runtime.device), uniforms,
             max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
             top_k=r.top_k, top_p=r.top_p,
-            stop=r.stop, autocast_dtype=self.amp, prompts=[self.prompts.texts[i] for i in idx], samples_per_prompt=k,
+            stop=r.stop, autocast_dtype=self.amp, prompts=prompts, samples_per_prompt=r.samples_per_prompt,
             # FSDP2: every decode step gathers the sharded weights, so all processes step until the last is done
             all_finished=(lambda done: not self.runtime.broadcast_flag(not done)) if self.runtime.fsdp else None,
         )
-        return out, [self.prompts.examples[i] for i in idx], idx
 
     def score(self, rollout: Rollout, examples) -> tuple[torch.Tensor, dict[str, float]]:
         """Sequence scores (B,) from the reward functions / model, normalized and clipped."""
