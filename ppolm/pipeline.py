@@ -382,7 +382,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         "split": {"train": len(train), "validation": len(val), "test": len(held),
                   **{k: len(v) for k, v in extra.items()}},
         "stages": {c.name: {"metrics": _scalars(c.metrics), "train_seconds": c.train_seconds,
-                            "train_peak_rss_mb": c.train_peak_mb, "eval_seconds": c.eval_seconds, "model_dir": c.model_dir, "guard": c.guard,
+                            "train_peak_rss_mb": c.train_peak_mb, "eval_seconds": c.eval_seconds,
+                            "model_dir": c.model_dir, "guard": c.guard,
                             "checkpoint": c.checkpoint,
                             "extra": {k: _scalars(v) for k, v in c.extra.items()}} for c in candidates},
     }
@@ -434,7 +435,8 @@ def _print_headline(cfg: PipelineConfig, candidates: list[Candidate], chosen: Ca
         cells = [c.metrics.get(metric), *[c.extra.get(k, {}).get(metric) for k in sets]]
         text = [round(v, 4) if isinstance(v, float) else v for v in cells]
         print(f"{c.name:16s} {text[0]!s:>8s}" + "".join(f" {v!s:>14s}" for v in text[1:])
-              + f" {c.train_seconds:8.0f} {c.train_peak_mb or 0:8.0f}" + ("  (guard stopped it)" if c.guard else ""))
+              + f" {c.train_seconds:8.0f} {'-' if c.train_peak_mb is None else f'{c.train_peak_mb:.0f}':>8s}"
+              + ("  (guard stopped it)" if c.guard else ""))
     from ppolm.eval.report import comparisons
 
     for line in comparisons(candidates, metric, cfg.target.higher_is_better):

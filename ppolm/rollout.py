@@ -114,8 +114,8 @@ def generate(
                     if truncate_at_stop(text, stop)[1]:
                         finished[b] = ended[b] = True
             steps = t + 1
-            done = bool(finished.all())
-            if done if all_finished is None else all_finished(done):
+            done_here = bool(finished.all())
+            if all_finished(done_here) if all_finished is not None else done_here:
                 break
             input_ids = next_tokens.unsqueeze(-1)
             attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], dim=1)
