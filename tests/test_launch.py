@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -179,8 +180,6 @@ def wait_for_machines(machines: list[subprocess.Popen], logs: list[Path], timeou
     its full 300 s after every worker has finished (seen in CI-like runs): once one launcher has exited, an
     agent still running `grace` seconds later that has logged its workers' success counts as exit 0 (killed);
     the weights and metrics it wrote are checked as for any run."""
-    import time
-
     start = time.monotonic()
     while all(m.poll() is None for m in machines) and time.monotonic() - start < timeout:
         time.sleep(1)

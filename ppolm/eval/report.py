@@ -149,8 +149,7 @@ def metrics_table(candidates, extra_set: str | None = None) -> tuple[list[str], 
     header = ["stage", *keys, *timing]
 
     def peak(c) -> str:
-        mb = getattr(c, "train_peak_mb", None)
-        return "-" if mb is None else f"{mb:.0f}"
+        return "-" if c.train_peak_mb is None else f"{c.train_peak_mb:.0f}"
 
     rows = [[c.name, *[_fmt(of(c).get(k)) for k in keys],
              *([f"{c.train_seconds:.0f}", peak(c), f"{c.eval_seconds:.0f}"] if extra_set is None else [])]

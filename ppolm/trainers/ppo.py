@@ -99,11 +99,11 @@ class PPOTrainer:
         self.kl_ctl = make_kl_controller(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon)
         self.global_batch = cfg.rollout.batch_size * self.runtime.world_size  # prompts per step
         self.global_rows = self.global_batch * cfg.rollout.samples_per_prompt  # responses per step
-        self.state = PPOCheckpointer(self)
-        self.start_step = self.state.maybe_resume() if cfg.resume else 0
+        self.checkpointer = PPOCheckpointer(self)
+        self.start_step = self.checkpointer.maybe_resume() if cfg.resume else 0
         self.watch = Watch(cfg.eval, cfg.guard, self.task, eval_examples or [], self.tokenizer, cfg.output_dir,
                            autocast=self.amp, seed=cfg.seed, is_main=self.runtime.is_main,
-                           export=self.state.export_final, resumed=self.start_step > 0)
+                           export=self.checkpointer.export_final, resumed=self.start_step > 0)
         if self.runtime.is_main:
             save_config(cfg, cfg.output_dir)
 
@@ -352,21 +352,17 @@ class PPOTrainer:
         ]
         return StepOutput(metrics, samples)
 
-    # What train_loop (shared with SFT and RM) reads: the step count, the checkpointer, an evaluation, the export
+    # What train_loop (shared with SFT and RM) reads besides `checkpointer`: the step count, an evaluation, the export
     @property
     def total_steps(self) -> int:
         return self.cfg.max_steps
-
-    @property
-    def checkpointer(self) -> PPOCheckpointer:
-        return self.state
 
     def evaluate(self) -> dict[str, float]:
         """No loss-based evaluation in PPO: its held-out check is the task metric of `watch` (eval.every)."""
         return {}
 
     def export_final(self) -> Path | None:
-        return self.state.export_final()
+        return self.checkpointer.export_final()
 
     def generating_model(self) -> nn.Module:
         return self.actor.policy
