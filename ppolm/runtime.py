@@ -15,7 +15,7 @@ from accelerate.utils import DistributedType
 
 from torch import nn
 
-from ppolm import fsdp
+from ppolm import fsdp, zero
 from ppolm.errors import ConfigError
 from ppolm.fsdp import fsdp_requested
 
@@ -28,15 +28,23 @@ class Runtime:
             # gloo on CPU: pin the loopback interface (interface auto-selection is flaky on some hosts)
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         refuse_fp16(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-            # the DeepSpeed engine owns backward, clipping and the step: the guarded step here would see no
-            # gradients (ZeRO partitions them) and report a zero norm, so it is refused rather than wrong
-            raise ConfigError("DeepSpeed launches are not supported yet; shard with FSDP2 instead "
-                              "(accelerate launch --config_file configs/accelerate/fsdp2-cpu.yaml ...)")
-        self.accelerator = Accelerator(cpu=bool(cpu) if cpu is not None else not torch.cuda.is_available())
+        if zero.deepspeed_requested():
+            zero.check_launch()  # before any model loads
+        with _without_env("ACCELERATE_USE_DEEPSPEED"):  # ppolm.zero owns the engine: accelerate only sets up
+            # the processes (its DeepSpeed plugin would reject a deepspeed_config_file next to the launcher's keys)
+            self.accelerator = Accelerator(cpu=bool(cpu) if cpu is not None else not torch.cuda.is_available())
         refuse_fp16(str(self.accelerator.mixed_precision))
         # FSDP2 sharding is ours (ppolm.fsdp), on CPU and GPU alike; one process has nothing to shard
         self.fsdp = fsdp_requested() and self.world_size > 1
+        # DeepSpeed ZeRO is ours too (ppolm.zero): accelerate would not enable it on CPU
+        self.deepspeed = zero.deepspeed_requested() and self.world_size > 1
+        self.zero3 = self.deepspeed and zero.zero_stage() == 3
+
+    @property
+    def params_sharded(self) -> bool:
+        """Weights are partitioned across processes (FSDP2, ZeRO-3): every forward is a collective, so every
+        process must run as many, and a full copy of a model is a gather."""
+        return self.fsdp or self.zero3
 
     @property
     def device(self) -> torch.device:
@@ -85,11 +93,23 @@ class Runtime:
         """FSDP2-shard `model` in place when the launch asked for FSDP (before its optimizer is built)."""
         return fsdp.shard(model) if self.fsdp and model is not None else model
 
-    def prepare(self, *objs):
-        """Wrap models (DDP) and optimizers for this process layout; FSDP2 models are already sharded."""
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None):
+        """(model, optimizer) wrapped for this process layout: DDP through accelerate; a DeepSpeed engine and its
+        ZeRO optimizer (clipping at max_grad_norm inside the engine); FSDP2 models are already sharded."""
         if self.fsdp:
-            return objs[0] if len(objs) == 1 else objs
-        return self.accelerator.prepare(*objs)
+            return model, optimizer
+        if self.deepspeed:
+            return zero.initialize(model, optimizer, max_grad_norm)
+        return self.accelerator.prepare(model, optimizer)
+
+    def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The full weights of a sharded `module` (FSDP2, ZeRO-3) on the main process, {} on the others (a
+        collective: call it on every process); None where every process holds the module whole."""
+        if self.fsdp:
+            return fsdp.full_state_dict(module)
+        if self.zero3:
+            return zero.full_state_dict(module, self.is_main)
+        return None
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(model)
@@ -99,7 +119,7 @@ class Runtime:
 
     def no_sync(self, model: torch.nn.Module, skip: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-        if not skip or not self.distributed or self.fsdp:  # FSDP2 reduce-scatters every micro-batch
+        if not skip or not self.distributed or self.fsdp or self.deepspeed:  # FSDP2, ZeRO: they reduce themselves
             return contextlib.nullcontext()
         return self.accelerator.no_sync(model)
 
@@ -109,6 +129,17 @@ class Runtime:
     def broadcast_flag(self, flag: bool) -> bool:
         """True on every process if it is True on any."""
         return bool(self.sum(1.0 if flag else 0.0) > 0)
+
+
+@contextlib.contextmanager
+def _without_env(name: str):
+    """`name` unset for the length of the block, restored after."""
+    value = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ[name] = value
 
 
 def refuse_fp16(mixed_precision: str) -> None:

@@ -2,7 +2,8 @@
 
 `Optimization.step(micro_batches, loss_fn)` runs forward/backward over micro-batches (gradient accumulation,
 no all-reduce until the last), checks that gradients are finite (a non-finite step is skipped and counted; K
-in a row abort the run naming the step), clips the global norm, steps AdamW and the LR schedule.
+in a row abort the run naming the step), clips the global norm, steps AdamW and the LR schedule. Under DeepSpeed
+the engine reduces, checks, clips and steps (ppolm.zero); the counting and the schedule stay here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ppolm.errors import PpolmError
+from ppolm import zero
 from ppolm.fsdp import total_norm
 from ppolm.runtime import Runtime
 
@@ -101,6 +103,10 @@ class Optimization:
     ) -> StepResult:
         """One optimizer step over `micro_batches`; loss_fn(mb) returns (loss already scaled so that the sum over
         micro-batches is the minibatch loss, metrics). Metrics are summed over micro-batches."""
+        if self.runtime.deepspeed:  # the engine reduces, checks, clips and steps (ppolm.zero)
+            applied, norm, metrics = zero.backward_and_step(self.model, micro_batches, loss_fn)
+            lr = self.scheduler.get_last_lr()[0]
+            return self._finish(applied, norm, lr, metrics, where)
         self.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         for i, mb in enumerate(micro_batches):
@@ -116,8 +122,18 @@ class Optimization:
         finite = bool(torch.isfinite(norm_t))
         finite = not self.runtime.broadcast_flag(not finite)
         lr = self.scheduler.get_last_lr()[0]
-        if not finite:
+        if finite:
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm_t)
+            self.optimizer.step()
+        else:
             self.optimizer.zero_grad(set_to_none=True)
+        return self._finish(finite, float(norm_t), lr, metrics, where)
+
+    def _finish(self, applied: bool, norm: float, lr: float, metrics: dict[str, float], where: str) -> StepResult:
+        """Count a skipped (non-finite) step and abort after max_nonfinite_steps in a row; else step the LR
+        schedule. The optimizer has already stepped when `applied`."""
+        if not applied:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
             if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
@@ -127,10 +143,6 @@ class Optimization:
                 )
             return StepResult(True, float("nan"), lr, metrics)
         self.nonfinite_in_a_row = 0
-        norm = float(norm_t)
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm_t)
-        self.optimizer.step()
         self.scheduler.step()
         self.steps_done += 1
         return StepResult(False, norm, lr, metrics)

@@ -25,8 +25,10 @@ def free_port() -> int:
 
 
 def accelerate_launch(config_file: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file configs/accelerate/<config_file> -m ppolm.cli <args>` on a free port."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"configs/accelerate/{config_file}",
+    """`accelerate launch --config_file configs/accelerate/<config_file> -m ppolm.cli <args>` on a free port
+    (config_file may also be an absolute path)."""
+    path = config_file if os.path.isabs(config_file) else f"configs/accelerate/{config_file}"  # (or a test's own)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", path,
            "--main_process_port", str(free_port()), "-m", "ppolm.cli", *args]
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
@@ -228,14 +230,20 @@ def test_a_launcher_stuck_in_the_exit_barrier_counts_only_after_its_workers_succ
     stuck[1].kill()
 
 
-def test_accelerate_fp16_and_deepspeed_are_refused_before_models_load_and_bf16_trains(tmp_path):
+def test_accelerate_fp16_and_a_deepspeed_optimizer_are_refused_before_models_load_and_bf16_trains(tmp_path):
     """accelerate's fp16 loss scaling would feed scaled gradients to the finiteness check and the clipping, and
-    a DeepSpeed engine would hide the gradients from it: both refused in one line (exit 2) before anything
-    loads. bf16 is autocast only: it trains."""
+    an optimizer in the DeepSpeed config file would replace the run's own AdamW and LR schedule: both refused in
+    one line (exit 2) before anything loads. bf16 is autocast only: it trains."""
     args = ["ppo", "--config", "configs/tiny.yaml", *QUIET, "max_steps=2", "checkpoint.every=0"]
-    deepspeed = subprocess.run([sys.executable, "-m", "ppolm.cli", *args, f"output_dir={tmp_path / 'ds'}"], cwd=ROOT,
-                               env={**ENV, "ACCELERATE_USE_DEEPSPEED": "true"}, capture_output=True, text=True)
-    assert deepspeed.returncode == 2 and "DeepSpeed launches are not supported" in deepspeed.stderr
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}))
+    env = {**ENV, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_json)}
+    ds = subprocess.run([sys.executable, "-m", "ppolm.cli", *args, f"output_dir={tmp_path / 'ds'}"], cwd=ROOT,
+                        env=env, capture_output=True, text=True)
+    assert ds.returncode == 2 and ds.stderr.strip().count("\n") == 0, ds.stderr[-3000:]
+    # (without the deepspeed extra the refusal names the missing install instead)
+    assert f"{ds_json}" in ds.stderr and "sets 'optimizer'" in ds.stderr or "does not import" in ds.stderr
+    assert not (tmp_path / "ds/config.yaml").exists()
     env = {**ENV, "ACCELERATE_MIXED_PRECISION": "fp16"}
     fp16 = subprocess.run([sys.executable, "-m", "ppolm.cli", *args, f"output_dir={tmp_path / 'fp16'}"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
@@ -260,11 +268,19 @@ def test_fsdp2_sft_and_rm_equal_one_process_and_resume_exactly(tmp_path, kind, c
     """SFT and reward-model training sharded over 2 CPU processes = 1 process (global batch equal); resumed
     from checkpoint-2 they end bitwise equal to the uninterrupted run (also from per-process shards,
     checkpoint.sharded); final/ loads as an HF model."""
+    check_launch_equals_one_process(tmp_path, "fsdp2-cpu.yaml", kind, config, one_rows, extra,
+                                    sharded="checkpoint.sharded=true" in extra)
+
+
+def check_launch_equals_one_process(tmp_path: Path, launch: str, kind: str, config: str, one_rows: str,
+                                    extra: list[str], sharded: bool) -> None:
+    """`kind` (sft, rm) launched with configs/accelerate/`launch` on 2 processes x half the rows = 1 process;
+    resumed from a copy of its checkpoint-2 (`sharded`: per-process shards in it) it ends bitwise equal."""
     common = ["--config", config, *QUIET, "max_steps=4", "checkpoint.every=2", "checkpoint.keep=null", *extra]
     two_rows = f"batch_size={int(one_rows.split('=')[1]) // 2}"
     one = ppolm_cli(kind, *common, f"output_dir={tmp_path / 'one'}", one_rows)
     assert one.returncode == 0, one.stderr[-3000:]
-    full = accelerate_launch("fsdp2-cpu.yaml", kind, *common, f"output_dir={tmp_path / 'full'}", two_rows)
+    full = accelerate_launch(launch, kind, *common, f"output_dir={tmp_path / 'full'}", two_rows)
     assert full.returncode == 0, full.stderr[-3000:]
     assert max_weight_diff(tmp_path / "full/final", tmp_path / "one/final") < 1e-4
     loss = f"loss/{kind}"
@@ -276,11 +292,12 @@ def test_fsdp2_sft_and_rm_equal_one_process_and_resume_exactly(tmp_path, kind, c
 
     part = tmp_path / "part"
     part.mkdir()
-    assert (tmp_path / "full/checkpoint-2/sharded").is_dir() == ("checkpoint.sharded=true" in extra)
+    assert (tmp_path / "full/checkpoint-2/sharded").is_dir() == sharded
     shutil.copytree(tmp_path / "full/checkpoint-2", part / "checkpoint-2")
     (part / "LATEST").write_text("checkpoint-2\n")
-    resumed = accelerate_launch("fsdp2-cpu.yaml", kind, *common, f"output_dir={part}", two_rows, "resume=true")
+    resumed = accelerate_launch(launch, kind, *common, f"output_dir={part}", two_rows, "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from checkpoint-2" in resumed.stdout
     a, b = load_file(tmp_path / "full/final/model.safetensors"), load_file(part / "final/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if kind == "sft":

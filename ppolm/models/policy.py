@@ -125,6 +125,9 @@ def lm_logits_fp32(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor
     final-logit transforms (scaling, softcapping) are applied, so these are the logits the sampler saw."""
     head = model.get_output_embeddings()
     with torch.autocast(hidden.device.type, enabled=False):
+        if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3: the head's own forward gathers its partitioned
+            # weight and hands its gradient to ZeRO (the weights are fp32 there: DeepSpeed runs refuse bf16/fp16)
+            return final_logit_transform(model.config, head(hidden.float()))
         weight = _full(head.weight).float()
         bias = _full(head.bias).float() if getattr(head, "bias", None) is not None else None
         return final_logit_transform(model.config, nn.functional.linear(hidden.float(), weight, bias))

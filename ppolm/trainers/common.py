@@ -10,7 +10,7 @@ A checkpoint of these trainers (checkpoint-N/, written crash-safely by Checkpoin
 Frozen weights are not saved: they are rebuilt from the source model, which the config fingerprint pins.
 Under FSDP2 the same files are written, from the full states gathered to the main process; with
 checkpoint.sharded, sharded/ (each process's shards, torch.distributed.checkpoint) replaces trainable.* and
-optimizer.*.
+optimizer.*; under DeepSpeed ZeRO sharded/ always holds the engine's own files instead.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ppolm.checkpoint import CheckpointManager
 from ppolm.config import LoraConfig, OptimConfig
 from ppolm.errors import CheckpointError
-from ppolm import fsdp
+from ppolm import fsdp, zero
 from ppolm.logger import MetricsLogger
 from ppolm.models.policy import apply_lora, disable_dropout
 from ppolm.runtime import Runtime
@@ -129,12 +129,19 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], where
             params[name].copy_(value)
 
 
-SHARDED = "sharded"  # the directory of a checkpoint that holds each process's shards (FSDP2, checkpoint.sharded)
+SHARDED = "sharded"  # the directory of a checkpoint that holds each process's shards (FSDP2 or DeepSpeed ZeRO)
+
+
+def writes_shards(runtime: Runtime, sharded: bool) -> bool:
+    """Checkpoints hold each process's shards: always under DeepSpeed (its partitioned optimizer state has no
+    gathered form here), under FSDP2 when checkpoint.sharded asks for it."""
+    return runtime.deepspeed or (runtime.fsdp and sharded)
 
 
 def save_with_shards(runtime: Runtime, manager: CheckpointManager, step: int, root: nn.Module,
                      optimizer: torch.optim.Optimizer, write_rest: Callable[[Path], None]) -> Path | None:
-    """A crash-safe checkpoint whose weights and optimizer state are FSDP2 shards (a collective): every process
+    """A crash-safe checkpoint whose weights and optimizer state are shards (FSDP2's, or the DeepSpeed engine's
+    files when `root` is an engine; a collective): every process
     writes its shards into the main process's staging directory, then the main process moves them to
     checkpoint-`step`/sharded/ inside the usual save (`write_rest` writes the other files), so the manifest covers
     every shard and LATEST moves only once all of them are on disk."""
@@ -143,7 +150,10 @@ def save_with_shards(runtime: Runtime, manager: CheckpointManager, step: int, ro
         shutil.rmtree(staging, ignore_errors=True)  # left by a crashed save of the same step
         staging.mkdir(parents=True)
     runtime.wait()
-    fsdp.save_sharded(root, optimizer, staging)
+    if runtime.deepspeed:
+        zero.save(root, staging)
+    else:
+        fsdp.save_sharded(root, optimizer, staging)
     runtime.wait()
     path = None
     if runtime.is_main:
@@ -157,11 +167,19 @@ def save_with_shards(runtime: Runtime, manager: CheckpointManager, step: int, ro
 
 
 def load_shards(runtime: Runtime, path: Path, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load checkpoint `path`'s FSDP2 shards (its sharded/ directory) into `root` and `optimizer`."""
-    if not runtime.fsdp:
+    """Load checkpoint `path`'s shards (its sharded/ directory) into `root` (an FSDP2 model, or the DeepSpeed
+    engine) and `optimizer`; the launch must be the kind that wrote them."""
+    by_zero = (path / SHARDED / zero.TAG).is_dir()
+    if by_zero and not runtime.deepspeed:
+        raise CheckpointError(f"{path.name} holds DeepSpeed ZeRO shards: resume it under the DeepSpeed launch "
+                              f"that wrote it (accelerate launch --config_file <deepspeed config> ...) [{path}]")
+    if not by_zero and not runtime.fsdp:
         raise CheckpointError(f"{path.name} holds FSDP2 shards (checkpoint.sharded): resume it under the FSDP2 "
                               f"launch that wrote it (accelerate launch --config_file <fsdp2 config> ...) [{path}]")
-    fsdp.load_sharded(root, optimizer, path / SHARDED)
+    if by_zero:
+        zero.load(root, path / SHARDED)
+    else:
+        fsdp.load_sharded(root, optimizer, path / SHARDED)
 
 
 class RunCheckpointer:
@@ -191,7 +209,7 @@ class RunCheckpointer:
         """Main process writes checkpoint-`step`; every process waits for it."""
         path = None
         rng_states = self.runtime.gather_object(get_rng_state())  # every rank's streams, written by the main one
-        if self.runtime.fsdp and self.cfg.checkpoint.sharded:
+        if writes_shards(self.runtime, self.cfg.checkpoint.sharded):
             return save_with_shards(self.runtime, self.manager, step, self.optim.model, self.optim.optimizer,
                                     lambda out: self._write(step, out, rng_states, sharded=True))
         # the optimizer's state is named from the FSDP root (self.optim.model), the weights from self.model

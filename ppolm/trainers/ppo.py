@@ -94,7 +94,8 @@ class PPOTrainer:
             schedule=cfg.optim.schedule, max_grad_norm=cfg.optim.max_grad_norm,
             max_nonfinite_steps=cfg.optim.max_nonfinite_steps,
         )
-        self.model, self.optim.optimizer = self.runtime.prepare(self.actor, self.optim.optimizer)
+        self.model, self.optim.optimizer = self.runtime.prepare(self.actor, self.optim.optimizer,
+                                                                max_grad_norm=self.optim.max_grad_norm)
         self.optim.model = self.model
         self.kl_ctl = make_kl_controller(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon)
         self.global_batch = cfg.rollout.batch_size * self.runtime.world_size  # prompts per step
@@ -149,8 +150,10 @@ class PPOTrainer:
             max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
             top_k=r.top_k, top_p=r.top_p,
             stop=r.stop, autocast_dtype=self.amp, prompts=prompts, samples_per_prompt=r.samples_per_prompt,
-            # FSDP2: every decode step gathers the sharded weights, so all processes step until the last is done
-            all_finished=(lambda done: not self.runtime.broadcast_flag(not done)) if self.runtime.fsdp else None,
+            # FSDP2, ZeRO-3: every decode step gathers the sharded weights, so all processes step until the last
+            # is done
+            all_finished=((lambda done: not self.runtime.broadcast_flag(not done)) if self.runtime.params_sharded
+                          else None),
         )
 
     def score(self, rollout: Rollout, examples) -> tuple[torch.Tensor, dict[str, float]]:

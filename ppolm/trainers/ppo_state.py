@@ -5,7 +5,7 @@ checkpoint-N/ (written crash-safely by CheckpointManager):
   critic.safetensors value head or separate critic weights (absent for critic-free estimators)
   optimizer.*        AdamW state (safetensors + json, no pickle); scheduler.* likewise
   sharded/           instead of policy/, critic.* and optimizer.*: each process's FSDP2 shards of them
-                     (checkpoint.sharded; torch.distributed.checkpoint)
+                     (checkpoint.sharded; torch.distributed.checkpoint), or the DeepSpeed engine's files
   rng.*, rng-rank<r>.* python / numpy / torch RNG states of each process
   trainer_state.json step, KL controller, reward moments, optimizer counters, data position, fingerprints
 """
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from ppolm import fsdp
 from ppolm.checkpoint import CheckpointManager
 from ppolm.errors import CheckpointError
-from ppolm.trainers.common import SHARDED, export_model, load_shards, save_with_shards
+from ppolm.trainers.common import SHARDED, export_model, load_shards, save_with_shards, writes_shards
 from ppolm.trainers.resume import check_same_run, config_fingerprint, data_fingerprint
 from ppolm.state_io import (
     get_rng_state, load_json, load_optimizer_state, load_rng_state, load_scheduler_state, save_json,
@@ -119,8 +119,8 @@ class PPOCheckpointer:
         path = None
         t = self.t
         rng_states = t.runtime.gather_object(get_rng_state())  # every rank's streams, written by the main one
-        if t.runtime.fsdp and t.cfg.checkpoint.sharded:
-            return save_with_shards(t.runtime, self.manager, step, t.actor, t.optim.optimizer,
+        if writes_shards(t.runtime, t.cfg.checkpoint.sharded):  # (t.optim.model: the engine under DeepSpeed)
+            return save_with_shards(t.runtime, self.manager, step, t.optim.model, t.optim.optimizer,
                                     lambda out: self._write(step, out, rng_states, sharded=True))
         full = ((fsdp.full_state_dict(t.actor), fsdp.full_optimizer_state(t.actor, t.optim.optimizer))
                 if t.runtime.fsdp else None)
@@ -139,7 +139,7 @@ class PPOCheckpointer:
         state = load_json(path / "trainer_state.json")
         self._check_same_run(state, path)
         if (path / SHARDED).is_dir():
-            load_shards(t.runtime, path, t.actor, t.optim.optimizer)
+            load_shards(t.runtime, path, t.optim.model, t.optim.optimizer)
         elif t.runtime.fsdp:
             model_state = {f"policy.{k}": v for k, v in load_policy_weights(path / "policy").items()}
             if t.actor.critic_module() is not None:
@@ -185,7 +185,7 @@ class PPOCheckpointer:
     def export_final(self, name: str = "final") -> Path | None:
         """output_dir/`name` (final, best): a plain HF model directory (LoRA merged) + tokenizer + decoding."""
         t = self.t
-        state = fsdp.full_state_dict(t.actor.policy) if t.runtime.fsdp else None  # a collective under FSDP2
+        state = t.runtime.full_state_dict(t.actor.policy)  # a collective under FSDP2 / ZeRO-3
         if not t.runtime.is_main:
             t.runtime.wait()
             return None

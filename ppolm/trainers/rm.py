@@ -27,7 +27,6 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ppolm import fsdp
 from ppolm.algo.losses import pairwise_loss
 from ppolm.config import CheckpointConfig, CommonConfig, LogConfig, LoraConfig, OptimConfig, save_config
 from ppolm.data.collate import apply_chat_template, right_pad_collate
@@ -176,7 +175,8 @@ class RMTrainer:
         self.scorer.train()  # from_pretrained returns eval mode; activation checkpointing only acts in train mode
         self.runtime.shard(self.scorer)  # FSDP2 only; before the optimizer
         self.optim = make_optimization(self.scorer, self.runtime, cfg.optim, self.total_steps)
-        self.model, self.optim.optimizer = self.runtime.prepare(self.scorer, self.optim.optimizer)
+        self.model, self.optim.optimizer = self.runtime.prepare(self.scorer, self.optim.optimizer,
+                                                                max_grad_norm=self.optim.max_grad_norm)
         self.optim.model = self.model
         self.checkpointer = RunCheckpointer(self.runtime, cfg, self.scorer.rm, self.optim, self._fingerprint)
         self.start_step = self.checkpointer.maybe_resume() if cfg.resume else 0
@@ -251,8 +251,8 @@ class RMTrainer:
         mine = self.eval_pairs[rt.rank:: rt.world_size]
         bs = self.cfg.eval_batch_size
         # the unwrapped module: processes may run different numbers of forwards, so no collectives here; under
-        # FSDP2 each forward is a collective: every process runs as many, the extra ones on weight-0 pairs
-        n_forwards = -(-len(self.eval_pairs) // rt.world_size // bs) if rt.fsdp else -(-len(mine) // bs)
+        # FSDP2 / ZeRO-3 each forward is a collective: every process runs as many, the extra ones on weight-0 pairs
+        n_forwards = -(-len(self.eval_pairs) // rt.world_size // bs) if rt.params_sharded else -(-len(mine) // bs)
         correct, loss, margin = 0.0, 0.0, 0.0
         self.scorer.eval()
         for k in range(0, n_forwards * bs, bs):
@@ -272,7 +272,7 @@ class RMTrainer:
         """output_dir/final: a sequence-classification HF directory (LoRA merged) + tokenizer, usable as
         `reward.model` in PPO, and ppolm_reward.json saying which text it was trained to score."""
         out = None
-        state = fsdp.full_state_dict(self.scorer.rm) if self.runtime.fsdp else None  # a collective under FSDP2
+        state = self.runtime.full_state_dict(self.scorer.rm)  # a collective under FSDP2 / ZeRO-3
         if self.runtime.is_main:
             info = {"scores": "chat-templated prompt + completion (no EOS), at the last real token",
                     "use_chat_template": self.cfg.use_chat_template, "system_prompt": self.cfg.system_prompt}

@@ -23,7 +23,6 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ppolm.algo.losses import sft_loss
-from ppolm import fsdp
 from ppolm.config import (
     CheckpointConfig, CommonConfig, EvalConfig, GuardConfig, LogConfig, LoraConfig, OptimConfig, TaskConfig,
     check_guard, save_config,
@@ -257,7 +256,8 @@ class SFTTrainer:
         self.scorer.train()  # from_pretrained returns eval mode; activation checkpointing only acts in train mode
         self.runtime.shard(self.scorer)  # FSDP2 only; before the optimizer
         self.optim = make_optimization(self.scorer, self.runtime, cfg.optim, self.total_steps)
-        self.model, self.optim.optimizer = self.runtime.prepare(self.scorer, self.optim.optimizer)
+        self.model, self.optim.optimizer = self.runtime.prepare(self.scorer, self.optim.optimizer,
+                                                                max_grad_norm=self.optim.max_grad_norm)
         self.optim.model = self.model
         fingerprint = data_fingerprint([f"{r.input_ids}{r.completion_mask}" for r in self.train_rows])
         self.checkpointer = RunCheckpointer(self.runtime, cfg, self.scorer.lm, self.optim, fingerprint)
@@ -325,8 +325,8 @@ class SFTTrainer:
         mine = self.eval_rows[rt.rank:: rt.world_size]
         bs = self.cfg.eval_batch_size
         # the unwrapped module: processes may run different numbers of forwards, so no collectives here; under
-        # FSDP2 each forward is a collective: every process runs as many, the extra ones on weight-0 rows
-        n_forwards = -(-len(self.eval_rows) // rt.world_size // bs) if rt.fsdp else -(-len(mine) // bs)
+        # FSDP2 / ZeRO-3 each forward is a collective: every process runs as many, the extra ones on weight-0 rows
+        n_forwards = -(-len(self.eval_rows) // rt.world_size // bs) if rt.params_sharded else -(-len(mine) // bs)
         self.scorer.eval()
         for k in range(0, n_forwards * bs, bs):
             rows, weight = (mine[k: k + bs], 1.0) if k < len(mine) else (self.eval_rows[:bs], 0.0)
@@ -339,7 +339,7 @@ class SFTTrainer:
     def export_final(self, name: str = "final") -> Path | None:
         """output_dir/`name` (final, best): HF model directory (LoRA merged) + tokenizer + ppolm_decoding.json."""
         out = None
-        state = fsdp.full_state_dict(self.scorer.lm) if self.runtime.fsdp else None  # a collective under FSDP2
+        state = self.runtime.full_state_dict(self.scorer.lm)  # a collective under FSDP2 / ZeRO-3
         if self.runtime.is_main:
             d = self.task.decoding
             decoding = {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
