@@ -40,21 +40,16 @@ def deepspeed_requested() -> bool:
 
 def check_launch() -> None:
     """Refuse, in one line and before any model loads, a DeepSpeed launch this module cannot run correctly."""
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError as e:
-        raise ConfigError(f"this launch asks for DeepSpeed but it does not import ({e}); install the extra: "
-                          "DS_BUILD_OPS=0 pip install -e '.[deepspeed]'") from None
     stage = zero_stage()
-    if stage not in (1, 2, 3):
-        raise ConfigError(f"DeepSpeed ZeRO stage {stage} does not exist (1, 2 or 3)")
+    if stage not in (1, 2, 3):  # stage 0 would apply a step with non-finite fp32 gradients (no overflow check)
+        raise ConfigError(f"DeepSpeed ZeRO stage {stage} is not supported (1, 2 or 3)")
     if stage == 3 and os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true":
         raise ConfigError("zero3_init_flag: true is not supported (models are built whole, then partitioned by "
                           "the engine); set it to false in the accelerate config")
     accum = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
     if accum not in ("1", "auto"):
         raise ConfigError(f"accelerate gradient_accumulation_steps={accum} under DeepSpeed: set ppolm's own "
-                          "(ppo.grad_accum_steps, or a smaller micro_batch_size in SFT/RM) and leave it at 1")
+                          "(ppo.grad_accum_steps, grad_accum_steps in SFT/RM) and leave it at 1")
     mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if mixed != "no":
         raise ConfigError(f"accelerate mixed_precision '{mixed}' under DeepSpeed: leave it 'no' and set ppolm's "
@@ -68,6 +63,11 @@ def check_launch() -> None:
         if user.get(key, {}).get("enabled") in (True, "true"):
             raise ConfigError(f"{user_config_path()}: the DeepSpeed config file enables {key}: leave it off and set "
                               "ppolm's precision (bf16 autocast over fp32 weights)")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"this launch asks for DeepSpeed but it does not import ({e}); install the extra: "
+                          "DS_BUILD_OPS=0 pip install -e '.[deepspeed]'") from None
 
 
 def user_config_path() -> str:

@@ -22,8 +22,8 @@ from test_launch import (  # the launch helpers and the 1-process reference run 
 ZERO2 = "deepspeed-zero2-cpu.yaml"
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                       reason="deepspeed is not installed (the optional extra: DS_BUILD_OPS=0 pip install -e '.[deepspeed]')"),
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed "
+                       "(the optional extra: DS_BUILD_OPS=0 pip install -e '.[deepspeed]')"),
 ]
 __all__ = ["one_process"]  # a fixture, imported so that this module reuses it
 

@@ -1,5 +1,5 @@
 """Helpers of multi-process runs that need no process group: FSDP2 units, the norm, the launcher's request, the
-conversion lock of the embedded model."""
+conversion lock of the embedded model, the DeepSpeed engine's config and the launches refused."""
 
 import pytest
 import torch
@@ -61,3 +61,63 @@ def test_processes_starting_on_a_fresh_cache_convert_the_embedded_model_once(tmp
         t.join()
     assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
     assert (results[0] / load.CONVERTED_MARKER).is_file()
+
+
+DS_ENV = ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE",
+          "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
+          "ACCELERATE_DEEPSPEED_ZERO3_INIT", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_MIXED_PRECISION"]
+
+
+@pytest.fixture
+def ds_env(monkeypatch):
+    for name in DS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    return monkeypatch
+
+
+def test_deepspeed_engine_config_from_the_launcher_and_the_users_file(ds_env, tmp_path):
+    """The launcher's stage and offload settings, one micro-batch per engine step (ppolm accumulates), clipping
+    at optim.max_grad_norm (None: 0 = off); a user's JSON keeps its ZeRO options and its stage wins."""
+    from ppolm import zero
+
+    assert zero.deepspeed_requested()
+    ds_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    ds_env.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    cfg = zero.engine_config(1.0)
+    assert cfg["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert cfg["train_micro_batch_size_per_gpu"] == cfg["gradient_accumulation_steps"] == 1
+    assert cfg["gradient_clipping"] == 1.0
+    assert cfg["zero_allow_untested_optimizer"] is True
+    assert zero.engine_config(None)["gradient_clipping"] == 0.0
+    user = tmp_path / "ds.json"
+    user.write_text('{"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "gradient_clipping": 9}')
+    ds_env.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(user))
+    cfg = zero.engine_config(0.5)
+    assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000,
+                                        "offload_optimizer": {"device": "cpu"}}
+    assert cfg["gradient_clipping"] == 0.5  # the run config's, not the file's
+
+
+@pytest.mark.parametrize("env, file, says", [
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"}, None, "ZeRO stage 0 is not supported"),
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"}, None, "zero3_init_flag"),
+    ({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, None, "gradient_accumulation_steps=4"),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, None, "mixed_precision 'bf16'"),
+    ({}, '{"scheduler": {"type": "WarmupLR"}}', "sets 'scheduler'"),
+    ({}, '{"bf16": {"enabled": true}}', "enables bf16"),
+    ({}, '{"zero_optimization": ', "cannot read the DeepSpeed config"),
+])
+def test_deepspeed_launches_ppolm_cannot_run_are_refused_in_one_line(ds_env, tmp_path, env, file, says):
+    from ppolm import zero
+
+    for k, v in env.items():
+        ds_env.setenv(k, v)
+    if file is not None:
+        (tmp_path / "ds.json").write_text(file)
+        ds_env.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
+    with pytest.raises(ConfigError) as info:
+        zero.check_launch()
+    assert says in str(info.value) and "\n" not in str(info.value)
+    if file is not None:
+        assert str(tmp_path / "ds.json") in str(info.value)
