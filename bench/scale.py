@@ -85,11 +85,16 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--mmap-threshold", type=int, default=65536, help="MALLOC_MMAP_THRESHOLD_; 0: glibc default")
+    ap.add_argument("--layouts", default="", help="comma-separated subset of: 1, ddp, fsdp2, zero2, zero3 (all)")
     a = ap.parse_args()
     results = {}
     print(f"{a.model}, {a.steps} steps, 8 prompts a step, fp32, MALLOC_MMAP_THRESHOLD_={a.mmap_threshold or 'default'}")
     with tempfile.TemporaryDirectory() as tmp:
+        keys = dict(zip(["1", "ddp", "fsdp2", "zero2", "zero3"], [n for n, _, _ in LAYOUTS]))
+        wanted = {keys[k] for k in a.layouts.split(",")} if a.layouts else set(keys.values())
         for name, config, rows in LAYOUTS:
+            if name not in wanted:
+                continue
             if "ZeRO" in name and importlib.util.find_spec("deepspeed") is None:
                 print(f"{name:16s} skipped: deepspeed is not installed (the optional extra)")
                 continue
@@ -99,10 +104,8 @@ def main() -> None:
             r = results[name]
             print(f"{name:16s} processes={r['processes']} peak/process={r['peak_mb']:.0f} MB "
                   f"tokens/s={r['tokens_per_s']:.1f}", flush=True)
-    ratio = results["2-process FSDP2"]["peak_mb"] / results["2-process DDP"]["peak_mb"]
-    print(f"FSDP2 peak per process / DDP peak per process = {ratio:.2f}")
-    for name in ("ZeRO-2", "ZeRO-3"):
-        if f"2-process {name}" in results:
+    for name in ("FSDP2", "ZeRO-2", "ZeRO-3"):
+        if f"2-process {name}" in results and "2-process DDP" in results:
             ratio = results[f"2-process {name}"]["peak_mb"] / results["2-process DDP"]["peak_mb"]
             print(f"{name} peak per process / DDP peak per process = {ratio:.2f}")
 

@@ -90,6 +90,10 @@ def test_deepspeed_engine_config_from_the_launcher_and_the_users_file(ds_env, tm
     assert cfg["gradient_clipping"] == 1.0
     assert cfg["zero_allow_untested_optimizer"] is True
     assert zero.engine_config(None)["gradient_clipping"] == 0.0
+    # accelerate's buckets from the hidden size H where the file is silent: H^2, 0.9 H^2, 10 H
+    assert zero.engine_config(1.0, hidden_size=8)["zero_optimization"] == {
+        "stage": 3, "offload_optimizer": {"device": "cpu"}, "reduce_bucket_size": 64,
+        "stage3_prefetch_bucket_size": 57, "stage3_param_persistence_threshold": 80}
     user = tmp_path / "ds.json"
     user.write_text('{"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "gradient_clipping": 9}')
     ds_env.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(user))
@@ -97,6 +101,7 @@ def test_deepspeed_engine_config_from_the_launcher_and_the_users_file(ds_env, tm
     assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000,
                                         "offload_optimizer": {"device": "cpu"}}
     assert cfg["gradient_clipping"] == 0.5  # the run config's, not the file's
+    assert zero.engine_config(0.5, hidden_size=8)["zero_optimization"]["reduce_bucket_size"] == 1000  # the file's
 
 
 @pytest.mark.parametrize("env, file, says", [
