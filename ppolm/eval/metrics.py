@@ -21,13 +21,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
-    roc_curve,
-)
+
+# scikit-learn is imported where a metric is computed, not here: reward functions import this module for
+# `label_from_completion`, and sklearn (with scipy and pandas) would add ~0.12 GB to every training process.
 
 # --------------------------------------------------------------------------------------------------
 # Reading a label out of a completion
@@ -84,12 +80,16 @@ def _safe_auc(y_binary: np.ndarray, score: np.ndarray) -> float | None:
     """ROC-AUC of one binary problem; ``None`` when only one class is present (AUC undefined)."""
     if y_binary.min() == y_binary.max():
         return None
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(y_binary, score))
 
 
 def _roc_points(y_binary: np.ndarray, score: np.ndarray) -> dict[str, list[float]] | None:
     if y_binary.min() == y_binary.max():
         return None
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(y_binary, score)
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
 
@@ -154,6 +154,8 @@ def classification_metrics(
                       invalid_per_class={lab: 0 for lab in labels},
                       roc_auc=None, roc_auc_per_class=None, roc_curves=None)
         return result
+
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     result["accuracy"] = float(accuracy_score(t, p))
     result["invalid_rate"] = float(np.mean(p < 0))

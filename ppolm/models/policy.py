@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ppolm.memory import recast_saved_weights
 from ppolm.ops import entropy_from_logits, logprobs_from_logits
 from ppolm.rollout import position_ids_from_mask
 
@@ -77,6 +79,23 @@ class TokenScores:
 def autocast_ctx(dtype: torch.dtype | None, device: torch.device):
     """bf16 autocast for the backbone; a no-op for fp32 runs."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def backbone_autocast(model: nn.Module, dtype: torch.dtype | None, device: torch.device) -> Iterator[None]:
+    """`autocast_ctx` for a forward that may be followed by a backward: with grad, the bf16 casts of the weights
+    are neither cached for the forward nor saved for the backward, which recasts them (`recast_saved_weights`:
+    same bits, 0.21 GB less at the peak on the embedded model). Not under FSDP2: its weights are freed after the
+    forward and regathered for the backward, so the graph keeps the casts it saved."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if (dtype is None or not torch.is_grad_enabled()
+            or any(isinstance(m, FSDPModule) for m in model.modules())):
+        with autocast_ctx(dtype, device):
+            yield
+        return
+    with torch.autocast(device.type, dtype=dtype, cache_enabled=False), recast_saved_weights():
+        yield
 
 
 def response_hidden(
@@ -143,22 +162,25 @@ def score_tokens(
     need_entropy: bool = False,
     autocast_dtype: torch.dtype | None = None,
     temperature: float = 1.0,
+    entropy_grad: bool = True,
 ) -> TokenScores:
     """log pi(response token) for each response position, and V from `value_head` on the same forward.
 
     input_ids, attention_mask (B, T) with the response in the last R = response_ids.shape[1] positions.
     temperature: the sampling temperature; logits / temperature make these the log-probs of the policy that
     sampled (N+ implementation details, "scale the logits by the sampling temperature").
+    entropy_grad: False when the entropy is only a metric (no entropy bonus): it is computed from detached logits
+    (same values), so its full-vocabulary softmax is not kept for a backward that never uses it.
     """
     R = response_ids.shape[1]
-    with autocast_ctx(autocast_dtype, input_ids.device):
+    with backbone_autocast(model, autocast_dtype, input_ids.device):
         hidden = response_hidden(model, input_ids, attention_mask, R)
     logits = lm_logits_fp32(model, hidden)
     if temperature != 1.0:
         logits = logits / temperature
     logprobs = logprobs_from_logits(logits, response_ids)
     values = value_head(hidden) if value_head is not None else None
-    entropy = entropy_from_logits(logits) if need_entropy else None
+    entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if need_entropy else None
     return TokenScores(logprobs, values, entropy)
 
 
@@ -178,7 +200,7 @@ class SeparateCritic(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, R: int, autocast_dtype: torch.dtype | None
     ) -> torch.Tensor:
         """V for the R response positions, (B, R) fp32."""
-        with autocast_ctx(autocast_dtype, input_ids.device):
+        with backbone_autocast(self.backbone, autocast_dtype, input_ids.device):
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                 position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         return self.head(out.last_hidden_state[:, -R - 1: -1])

@@ -39,13 +39,14 @@ class ActorCritic(nn.Module):
         response_ids: torch.Tensor,
         need_entropy: bool = False,
         autocast_dtype: torch.dtype | None = None,
+        entropy_grad: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """logprobs (B, R), values (B, R) or None without a critic, entropy (B, R) or None; one backbone forward
-        in head mode."""
+        in head mode. entropy_grad=False: the entropy is a metric only, computed without a graph."""
         out: TokenScores = score_tokens(
             self.policy, input_ids, attention_mask, response_ids,
             value_head=self.value_head, need_entropy=need_entropy, autocast_dtype=autocast_dtype,
-            temperature=self.temperature,
+            temperature=self.temperature, entropy_grad=entropy_grad,
         )
         values = out.values
         if self.critic is not None:

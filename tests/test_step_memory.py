@@ -1,0 +1,115 @@
+"""Peak-memory changes of the PPO step that must not change a value: weight casts rebuilt in the backward, the
+entropy metric without a graph, gradients released after the update, scikit-learn imported only when used."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ppolm import memory
+from ppolm.config import PPORunConfig, load_config
+from ppolm.models import load_model
+from ppolm.models.policy import autocast_ctx, lm_logits_fp32, response_hidden, score_tokens
+from ppolm.ops import logprobs_from_logits
+from ppolm.trainers.ppo import PPOTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 200, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded row
+    return ids, mask, ids[:, -5:]
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_recast_weights_give_bitwise_equal_logprobs_and_gradients(monkeypatch):
+    model = load_model("tiny-random-llama")
+    ids, mask, resp = _batch()
+    # the plain way: autocast with its cache, every bf16 weight copy saved for the backward
+    with autocast_ctx(torch.bfloat16, CPU):
+        hidden = response_hidden(model, ids, mask, resp.shape[1])
+    expected = logprobs_from_logits(lm_logits_fp32(model, hidden), resp)
+    expected.sum().backward()
+    expected_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    made = []
+
+    class Counted(memory._Recast):
+        def __init__(self, param, saved):
+            super().__init__(param, saved)
+            made.append(param)
+
+    monkeypatch.setattr(memory, "_Recast", Counted)
+    got = score_tokens(model, ids, mask, resp, autocast_dtype=torch.bfloat16).logprobs
+    got.sum().backward()
+    assert torch.equal(got, expected)
+    grads = _grads(model)
+    assert grads.keys() == expected_grads.keys() and len(grads) == len(list(model.parameters()))
+    for name, g in grads.items():
+        assert torch.equal(g, expected_grads[name]), name
+    # every linear weight of every decoder layer was kept as its fp32 source, not as a bf16 copy
+    linear = {id(m.weight) for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)}
+    assert linear and linear <= {id(p) for p in made}
+    assert all(p.dtype == torch.float32 for p in made)
+
+
+def test_recast_refuses_a_weight_changed_between_forward_and_backward():
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(2, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), memory.recast_saved_weights():
+        y = layer(x)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        y.float().sum().backward()
+
+
+def test_only_casts_of_leaf_weights_are_recast():
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    cast = w.to(torch.bfloat16)
+    assert memory._cast_source(cast) is w
+    assert memory._cast_source(cast.t()) is w  # a view of the cast (what a matmul saves)
+    assert memory._Recast(w, cast.t()).rebuild().equal(cast.t())
+    assert memory._cast_source((w * 2).to(torch.bfloat16)) is None  # an activation, not a weight
+    assert memory._cast_source(w) is None and memory._cast_source(cast.detach()) is None
+
+
+def test_entropy_as_a_metric_has_the_same_values_and_no_graph():
+    model = load_model("tiny-random-llama")
+    ids, mask, resp = _batch()
+    with_graph = score_tokens(model, ids, mask, resp, need_entropy=True)
+    metric = score_tokens(model, ids, mask, resp, need_entropy=True, entropy_grad=False)
+    assert with_graph.entropy.requires_grad and not metric.entropy.requires_grad
+    assert torch.equal(metric.entropy, with_graph.entropy.detach())
+    assert torch.equal(metric.logprobs, with_graph.logprobs) and metric.logprobs.requires_grad
+    assert float(metric.entropy.min()) > 0.0
+
+
+def test_a_ppo_step_releases_its_gradients(tmp_path):
+    cfg = load_config(PPORunConfig, ROOT / "configs/tiny.yaml", [
+        "log.progress=false", "log.tensorboard=false", f"output_dir={tmp_path}", "max_steps=1",
+        "checkpoint.every=0"])
+    # a reward that varies between responses, so that the advantages and the gradients are not all zero
+    trainer = PPOTrainer(cfg, reward_fn=lambda prompts, completions, **_: [float(len(set(c))) for c in completions])
+    before = {n: p.detach().clone() for n, p in trainer.actor.named_parameters()}
+    out = trainer.step(0)
+    assert out.metrics["optim/grad_norm"] > 0.0
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.actor.named_parameters())  # it did step
+    assert all(p.grad is None for p in trainer.actor.parameters())
+
+
+def test_reward_functions_do_not_import_scikit_learn():
+    code = "import sys, ppolm.rewards.compose, ppolm.eval.metrics; print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
