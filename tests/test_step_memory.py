@@ -113,3 +113,23 @@ def test_reward_functions_do_not_import_scikit_learn():
     code = "import sys, ppolm.rewards.compose, ppolm.eval.metrics; print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
+
+
+def test_reference_with_bf16_linear_weights_scores_bitwise_like_the_policy_under_autocast():
+    """frozen_copy(matmul_dtype=bf16): the backbone's linear weights stored pre-rounded, the LM head, embeddings
+    and norms in fp32; under bf16 autocast its log-probs equal the policy's bit for bit (KL 0 at step 0)."""
+    from ppolm.models.policy import frozen_copy
+
+    policy = load_model("tiny-random-llama")
+    ids, mask, resp = _batch()
+    reference = frozen_copy(policy, matmul_dtype=torch.bfloat16)
+    linears = [m for m in reference.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert reference.get_output_embeddings().weight.dtype == torch.float32
+    assert reference.get_input_embeddings().weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for n, p in reference.named_parameters() if "norm" in n)
+    with torch.no_grad():
+        want = score_tokens(policy, ids, mask, resp, autocast_dtype=torch.bfloat16).logprobs
+        got = score_tokens(reference, ids, mask, resp, autocast_dtype=torch.bfloat16).logprobs
+    assert torch.equal(got, want)
+    assert all(p.dtype == torch.float32 for p in policy.parameters())  # the policy itself is untouched

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from ppolm.algo.estimators import get_estimator
 from ppolm.config import PPORunConfig
+from ppolm.fsdp import fsdp_requested
 from ppolm.models import load_model
 from ppolm.models.policy import (
     SeparateCritic, TokenScores, ValueHead, apply_lora, disable_dropout, frozen_copy, hidden_size, score_tokens,
@@ -73,7 +74,9 @@ def build_actor_critic(cfg: PPORunConfig, amp: torch.dtype | None) -> tuple[Acto
     kl_needed = cfg.kl.coef > 0 or cfg.kl.adaptive
     reference = None
     if not cfg.lora.enabled and kl_needed:
-        reference = frozen_copy(policy)
+        # linear weights pre-rounded to the autocast dtype (same forward, half their memory); not under FSDP2,
+        # whose units shard parameters of one dtype
+        reference = frozen_copy(policy, matmul_dtype=None if fsdp_requested() else amp)
     if cfg.lora.enabled:
         policy = apply_lora(policy, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     # Value-head init draws from the global RNG: seed it so every process and every resume builds the same head.
