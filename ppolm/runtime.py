@@ -1,7 +1,8 @@
 """The one place that talks to accelerate: processes, devices, reductions, wrapping for data parallelism.
 
 One process or many (`accelerate launch --config_file configs/accelerate/<file>.yaml` or torchrun; gloo on CPU,
-NCCL on GPU). DDP is accelerate's; FSDP2 sharding is done in `ppolm.fsdp` (requested by the same launcher).
+NCCL on GPU). DDP is accelerate's; FSDP2 sharding is done in `ppolm.fsdp` and the DeepSpeed ZeRO engine in
+`ppolm.zero` (both requested by the same launcher).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ through its module, and exports gather one tensor at a time (`full_state_dict`).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ def backward_and_step(engine, micro_batches, loss_fn) -> tuple[bool, float, dict
     engine.step()
     norm = engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else float("nan")
-    return bool(engine.was_step_applied()) and torch.isfinite(torch.tensor(norm)).item(), norm, metrics
+    return bool(engine.was_step_applied()) and math.isfinite(norm), norm, metrics
 
 
 def save(engine, directory: str | os.PathLike) -> None:

@@ -141,10 +141,10 @@ def writes_shards(runtime: Runtime, sharded: bool) -> bool:
 def save_with_shards(runtime: Runtime, manager: CheckpointManager, step: int, root: nn.Module,
                      optimizer: torch.optim.Optimizer, write_rest: Callable[[Path], None]) -> Path | None:
     """A crash-safe checkpoint whose weights and optimizer state are shards (FSDP2's, or the DeepSpeed engine's
-    files when `root` is an engine; a collective): every process
-    writes its shards into the main process's staging directory, then the main process moves them to
-    checkpoint-`step`/sharded/ inside the usual save (`write_rest` writes the other files), so the manifest covers
-    every shard and LATEST moves only once all of them are on disk."""
+    files when `root` is an engine; a collective): every process writes its shards into the main process's
+    staging directory, then the main process moves them to checkpoint-`step`/sharded/ inside the usual save
+    (`write_rest` writes the other files), so the manifest covers every shard and LATEST moves only once all of
+    them are on disk."""
     staging = Path(runtime.gather_object(str(manager.staging_dir(step)) if runtime.is_main else None)[0])
     if runtime.is_main:
         shutil.rmtree(staging, ignore_errors=True)  # left by a crashed save of the same step
