@@ -16,6 +16,7 @@ the LM head's weight right after the backbone forward, with its gradient reduce-
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -107,24 +108,33 @@ def _is_main() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The full (unsharded) CPU state dict of `module` on the main process, {} on the others (which only
-    take part in the gathers: a collective, call it on every process). Tied weights stay one tensor, so
-    save_pretrained still sees them as tied."""
-    from torch.distributed.tensor import DTensor
-
-    reshard(module)
-    keep = _is_main()
-    gathered: dict[int, torch.Tensor | None] = {}  # by identity: a tied weight is gathered once, on every process
+def gathered_state_dict(module: nn.Module, keep: bool,
+                        gather: Callable[[torch.Tensor, bool], torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """`module`'s state dict with each tensor replaced by gather(tensor, keep): its full CPU copy where `keep`
+    (the main process), None elsewhere; {} where not `keep`. gather is called on every process, once per
+    distinct tensor (a collective per sharded one), so a tied weight is gathered once and stays one tensor,
+    which save_pretrained still sees as tied; one tensor at a time, so no process holds the whole model."""
+    gathered: dict[int, torch.Tensor | None] = {}
     out = {}
     for name, value in module.state_dict(keep_vars=True).items():
         if id(value) not in gathered:
-            full = value.full_tensor() if isinstance(value, DTensor) else value
-            # one tensor at a time: the other processes never hold the full model
-            gathered[id(value)] = full.detach().cpu() if keep else None
+            gathered[id(value)] = gather(value, keep)
         if keep:
             out[name] = gathered[id(value)]
     return out
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) CPU state dict of an FSDP2 `module` on the main process, {} on the others (which
+    only take part in the gathers: a collective, call it on every process)."""
+    from torch.distributed.tensor import DTensor
+
+    def gather(value: torch.Tensor, keep: bool) -> torch.Tensor | None:
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        return full.detach().cpu() if keep else None
+
+    reshard(module)
+    return gathered_state_dict(module, _is_main(), gather)
 
 
 def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

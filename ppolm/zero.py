@@ -31,6 +31,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ppolm.errors import CheckpointError, ConfigError
+from ppolm.fsdp import gathered_state_dict
 
 TAG = "zero"  # the engine's checkpoint tag: one per checkpoint directory, ours names the step
 
@@ -174,19 +175,13 @@ def load(engine, directory: str | os.PathLike) -> None:
 
 def full_state_dict(module: nn.Module, is_main: bool) -> dict[str, torch.Tensor]:
     """The full CPU state dict of a ZeRO-3-partitioned `module` on the main process, {} on the others (a
-    collective: every process takes part in each gather). One parameter gathered at a time; a tied weight
-    stays one tensor, so save_pretrained still sees it as tied."""
+    collective: every process takes part in each gather; one parameter at a time, ties kept)."""
     import deepspeed
 
-    gathered: dict[int, torch.Tensor | None] = {}
-    out = {}
-    for name, value in module.state_dict(keep_vars=True).items():
-        if id(value) not in gathered:
-            if hasattr(value, "ds_id"):
-                with deepspeed.zero.GatheredParameters([value]):  # the data is released again on exit: copy it out
-                    gathered[id(value)] = value.detach().cpu().clone() if is_main else None
-            else:
-                gathered[id(value)] = value.detach().cpu() if is_main else None
-        if is_main:
-            out[name] = gathered[id(value)]
-    return out
+    def gather(value: torch.Tensor, keep: bool) -> torch.Tensor | None:
+        if not hasattr(value, "ds_id"):  # a buffer or a parameter ZeRO keeps whole
+            return value.detach().cpu() if keep else None
+        with deepspeed.zero.GatheredParameters([value]):  # the data is released again on exit: copy it out
+            return value.detach().cpu().clone() if keep else None
+
+    return gathered_state_dict(module, is_main, gather)
