@@ -1,6 +1,6 @@
 """Peak memory per process and tokens/s of PPO on SmolLM2-135M: 1 process, 2-process DDP, FSDP2, ZeRO-2/3 (CPU).
 
-    python bench/scale.py [--model smollm2-135m-instruct] [--steps 3] [--mmap-threshold 65536]
+    python bench/scale.py [--model smollm2-135m-instruct] [--steps 3] [--mmap-threshold 65536] [--layouts ddp,zero2]
 
 Same global batch in every layout (8 prompts a step: 8 on one process, 4 on each of two), fp32, the
 smollm2-ppo recipe without held-out evaluation or checkpoints. Each process runs the trainer's steps itself
