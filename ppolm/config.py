@@ -272,8 +272,11 @@ class CommonConfig(Section):
     """'bf16' autocast for the models (maths stays fp32); 'auto' picks bf16 where the hardware has it."""
     trust_remote_code: bool = False
     """Allow model code from the model directory to run (off unless asked for)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory."""
+    gradient_checkpointing: Literal[False, True, "selective"] = "selective"
+    """Activation checkpointing of the trained transformer. 'selective' (default): each layer keeps its matmul and
+    attention outputs and recomputes the cheap ops (norms, activations, rotary, casts) in the backward, the same
+    values bit for bit with ~40% fewer saved activations (off under DeepSpeed ZeRO-3); true: recompute each
+    layer's whole forward (least memory, one more forward of time); false: keep every activation."""
     allow_changed_resume: bool = False
     """Resume even if the config or data changed since the checkpoint (warns instead of refusing)."""
 

@@ -3,12 +3,14 @@ entropy metric without a graph, gradients released after the update, scikit-lear
 
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ppolm import memory
 from ppolm.config import PPORunConfig, load_config
@@ -133,3 +135,55 @@ def test_reference_with_bf16_linear_weights_scores_bitwise_like_the_policy_under
         got = score_tokens(reference, ids, mask, resp, autocast_dtype=torch.bfloat16).logprobs
     assert torch.equal(got, want)
     assert all(p.dtype == torch.float32 for p in policy.parameters())  # the policy itself is untouched
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts the aten ops that run while it is active (here: in a backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_ops(mode, amp) -> tuple[torch.Tensor, dict[str, torch.Tensor], collections.Counter]:
+    ids, mask, resp = _batch()
+    model = load_model("tiny-random-llama")
+    memory.enable_activation_checkpointing(model, mode)
+    model.train()
+    logprobs = score_tokens(model, ids, mask, resp, autocast_dtype=amp).logprobs
+    with _OpCount() as ops:
+        logprobs.sum().backward()
+    return logprobs.detach(), _grads(model), ops.count
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_selective_checkpointing_gives_bitwise_equal_logprobs_and_gradients(amp):
+    """gradient_checkpointing='selective' (the default): the backward recomputes the elementwise ops of each layer
+    (SiLU, the norms' rsqrt) from its kept matmul outputs, and runs no more matmuls than without checkpointing
+    (full checkpointing runs each layer's matmuls again); log-probs and every gradient equal bit for bit."""
+    want, expected, plain_ops = _backward_ops(False, amp)
+    got, grads, ops = _backward_ops("selective", amp)
+    _, _, full_ops = _backward_ops(True, amp)
+    assert torch.equal(got, want)
+    assert grads.keys() == expected.keys() and len(grads) == 20  # every parameter of the tiny model
+    for name, g in grads.items():
+        assert torch.equal(g, expected[name]), name
+    mm, silu, rsqrt = torch.ops.aten.mm.default, torch.ops.aten.silu.default, torch.ops.aten.rsqrt.default
+    assert plain_ops[silu] == plain_ops[rsqrt] == 0  # without checkpointing the backward recomputes nothing
+    assert ops[silu] > 0 and ops[rsqrt] > 0  # selective: the cheap ops again
+    assert ops[mm] == plain_ops[mm] < full_ops[mm]  # ... and no matmul again
+
+
+def test_gradient_checkpointing_takes_false_true_or_selective():
+    from ppolm.errors import ConfigError
+
+    base = ["model=tiny-random-llama", "output_dir=unused"]
+    assert load_config(PPORunConfig, None, base).gradient_checkpointing == "selective"
+    assert load_config(PPORunConfig, None, base + ["gradient_checkpointing=true"]).gradient_checkpointing is True
+    assert load_config(PPORunConfig, None, base + ["gradient_checkpointing=false"]).gradient_checkpointing is False
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        load_config(PPORunConfig, None, base + ["gradient_checkpointing=sometimes"])

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from ppolm.algo.estimators import get_estimator
 from ppolm.config import PPORunConfig
 from ppolm.fsdp import fsdp_requested
+from ppolm.memory import enable_activation_checkpointing
 from ppolm.models import load_model
 from ppolm.models.policy import (
     SeparateCritic, TokenScores, ValueHead, apply_lora, disable_dropout, frozen_copy, hidden_size, score_tokens,
@@ -68,9 +69,7 @@ def build_actor_critic(cfg: PPORunConfig, amp: torch.dtype | None) -> tuple[Acto
     critic-free: no weights and no forward the maths does not need."""
     policy = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
     disable_dropout(policy)
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        policy.config.use_cache = False
+    enable_activation_checkpointing(policy, cfg.gradient_checkpointing)
     kl_needed = cfg.kl.coef > 0 or cfg.kl.adaptive
     reference = None
     if not cfg.lora.enabled and kl_needed:

@@ -36,6 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ppolm.checkpoint import CheckpointManager
 from ppolm.config import LoraConfig, OptimConfig
 from ppolm.errors import CheckpointError
+from ppolm.memory import enable_activation_checkpointing
 from ppolm import fsdp, zero
 from ppolm.logger import MetricsLogger
 from ppolm.models.policy import apply_lora, disable_dropout
@@ -56,7 +57,7 @@ T = TypeVar("T")
 
 
 def prepare_model(
-    model: PreTrainedModel, lora: LoraConfig, *, task_type: str, gradient_checkpointing: bool
+    model: PreTrainedModel, lora: LoraConfig, *, task_type: str, gradient_checkpointing: bool | str
 ) -> PreTrainedModel:
     """Dropout off (so accumulation and resume are exact), optional activation checkpointing, optional LoRA.
 
@@ -64,9 +65,7 @@ def prepare_model(
     which a LoRA on a randomly initialized head could not do well).
     """
     disable_dropout(model)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    enable_activation_checkpointing(model, gradient_checkpointing)
     if not lora.enabled:
         return model
     if task_type == "CAUSAL_LM":
