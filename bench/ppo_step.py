@@ -1,6 +1,7 @@
 """Seconds per PPO step, split by phase: ppolm's default config next to the plain-torch floor, in one run.
 
     python bench/ppo_step.py [--models tiny-random-llama,smollm2-135m-instruct] [--steps 3] [--responses 24,96,256]
+                             [--sides ppolm,floor,floor-bf16] [--set KEY=VALUE ...]
 
 Batch 8 prompts, responses of exactly R tokens (EOS suppressed), a reward model (sequence-classification head on
 the policy's backbone) as the reward on every side, one PPO epoch of one minibatch. Sides: ppolm; ppolm-lora (the
@@ -9,7 +10,8 @@ and the bf16-autocast floor (`bench/floor.py`, what a competent plain implementa
 own process, one after the other, so its peak RSS is its own. Reports medians over --steps measured steps after
 one warm-up step, the update phase's achieved FLOP/s against this machine's matmul peak, s/step at every response
 length with its growth against linear, and last `speedup floor/ppolm = X` (fp32 floor, first response length,
-last model).
+last model). --set passes config overrides to the ppolm sides (to measure one lever: e.g.
+`--set gradient_checkpointing=false`).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def update_flops(trainer, n_tokens: int, n_resp: int) -> float:
     return trainer.cfg.ppo.epochs * per_epoch - (per_epoch / 3 if fused else 0.0)
 
 
-def child(side: str, model: str, steps: int, R: int, rm: str) -> dict:
+def child(side: str, model: str, steps: int, R: int, rm: str, overrides: tuple[str, ...] = ()) -> dict:
     """One side's medians (s/step by phase), its peak RSS and, for ppolm, the update phase's FLOPs."""
     from ppolm.data.collate import left_pad_collate
     from ppolm.models import load_model, load_tokenizer
@@ -91,7 +93,7 @@ def child(side: str, model: str, steps: int, R: int, rm: str) -> dict:
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         # ppolm-lora: the LoRA fast path (adapters only train; the reference is the policy with adapters off)
-        extra = ("lora.enabled=true", "optim.lr=1e-4") if side == "ppolm-lora" else ()
+        extra = (("lora.enabled=true", "optim.lr=1e-4") if side == "ppolm-lora" else ()) + overrides
         trainer = ppolm_trainer(model, rm, steps, R, Path(tmp) / "run", extra)
         if side in ("ppolm", "ppolm-lora"):
             rows = [trainer.step(s).metrics for s in range(steps + 1)][1:]
@@ -115,9 +117,9 @@ def child(side: str, model: str, steps: int, R: int, rm: str) -> dict:
     return out
 
 
-def run_side(side: str, model: str, steps: int, R: int, rm: str) -> dict:
+def run_side(side: str, model: str, steps: int, R: int, rm: str, overrides: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--models", model, "--steps", str(steps),
-           "--responses", str(R), "--rm", rm]
+           "--responses", str(R), "--rm", rm, *(a for o in overrides for a in ("--set", o))]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{side} failed:\n{done.stderr[-3000:]}")
@@ -131,14 +133,18 @@ def main() -> None:
     ap.add_argument("--responses", default="24", help="response lengths, e.g. 24,96,256")
     ap.add_argument("--sides", default="ppolm,floor,floor-bf16",
                     help="any of ppolm, ppolm-lora (LoRA adapters, full-rank floor), floor, floor-bf16")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the ppolm sides (repeatable)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rm", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     lengths = [int(x) for x in args.responses.split(",")]
     if args.child:
-        print(json.dumps(child(args.child, args.models, args.steps, lengths[0], args.rm)))
+        print(json.dumps(child(args.child, args.models, args.steps, lengths[0], args.rm, tuple(args.set))))
         return
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    if args.set:
+        print("ppolm sides with: " + " ".join(args.set))
     print(f"matmul peak 2048^3: fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s "
           f"({torch.get_num_threads()} threads)")
     sides = args.sides.split(",")
@@ -146,7 +152,8 @@ def main() -> None:
     for model in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             rm = rm_dir(model, Path(tmp))
-            by_len = {R: {side: run_side(side, model, args.steps, R, rm) for side in sides} for R in lengths}
+            by_len = {R: {side: run_side(side, model, args.steps, R, rm, args.set) for side in sides}
+                      for R in lengths}
         for R, res in by_len.items():
             print(f"\n== {model}: batch {B}, response {R}, medians of {args.steps} steps (s/step)")
             print(f"{'phase':12s}" + "".join(f" {s:>11s}" for s in sides)
