@@ -187,3 +187,41 @@ def test_gradient_checkpointing_takes_false_true_or_selective():
     assert load_config(PPORunConfig, None, base + ["gradient_checkpointing=false"]).gradient_checkpointing is False
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
         load_config(PPORunConfig, None, base + ["gradient_checkpointing=sometimes"])
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_chunked_lm_head_scores_like_one_projection(monkeypatch, amp, entropy_grad):
+    """Past LOGIT_CHUNK_ROWS positions the LM head runs in checkpointed chunks: the same log-probs, entropy and
+    gradients (to fp32 rounding: the head's gradient is summed chunk by chunk), each chunk's logits recomputed
+    in the backward instead of kept."""
+    from ppolm.models import policy
+
+    ids, mask, resp = _batch()  # 3 x 5 response positions
+
+    def run(rows: int):
+        monkeypatch.setattr(policy, "LOGIT_CHUNK_ROWS", rows)
+        model = load_model("tiny-random-llama")
+        out = score_tokens(model, ids, mask, resp, need_entropy=True, autocast_dtype=amp, temperature=0.7,
+                           entropy_grad=entropy_grad)
+        loss = out.logprobs.sum() + (out.entropy.sum() if entropy_grad else 0.0)
+        with _OpCount() as ops:
+            loss.backward()
+        return out, _grads(model), ops.count[torch.ops.aten.logsumexp.default]
+
+    want, want_grads, plain_recomputes = run(1000)  # one projection
+    got, grads, recomputes = run(4)  # chunks of 4, 4, 4 and 3 rows
+    # each chunk's forward ran again in the backward (its log-probs' logsumexp, and the entropy's when it has a
+    # gradient; the metric-only entropy is not recomputed)
+    assert plain_recomputes == 0 and recomputes == 4 * (2 if entropy_grad else 1)
+    assert got.logprobs.requires_grad and got.entropy.requires_grad == entropy_grad
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.entropy, want.entropy, rtol=0, atol=1e-6)
+    assert grads.keys() == want_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():  # the no-grad path (reference, old log-probs) chunks without checkpoints
+        monkeypatch.setattr(policy, "LOGIT_CHUNK_ROWS", 4)
+        again = score_tokens(load_model("tiny-random-llama"), ids, mask, resp, autocast_dtype=amp,
+                             temperature=0.7).logprobs
+    torch.testing.assert_close(again, want.logprobs.detach(), rtol=0, atol=1e-6)

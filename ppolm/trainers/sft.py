@@ -31,8 +31,7 @@ from ppolm.data.collate import apply_chat_template, right_pad_collate
 from ppolm.data.readers import read_records
 from ppolm.errors import DataError, ModelLoadError
 from ppolm.models import load_model, load_tokenizer
-from ppolm.models.policy import autocast_ctx, lm_logits_fp32
-from ppolm.ops import logprobs_from_logits
+from ppolm.models.policy import autocast_ctx, token_logprobs
 from ppolm.rollout import position_ids_from_mask
 from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.tasks import Example, Task, build_task
@@ -226,7 +225,7 @@ class CompletionLogprobs(nn.Module):
             )
         hidden = out.hidden_states[-1][:, :-1]
         trained = batch.loss_mask > 0
-        logprobs = logprobs_from_logits(lm_logits_fp32(self.lm, hidden[trained]), batch.labels[trained])
+        logprobs = token_logprobs(self.lm, hidden[trained], batch.labels[trained])[0]
         return torch.zeros(batch.loss_mask.shape, dtype=logprobs.dtype, device=logprobs.device).masked_scatter(
             trained, logprobs)
 
