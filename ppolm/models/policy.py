@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ppolm.fsdp import fsdp_requested
 from ppolm.memory import recast_saved_weights
 from ppolm.ops import entropy_from_logits, logprobs_from_logits
 from ppolm.rollout import position_ids_from_mask
@@ -199,10 +200,13 @@ def token_logprobs(
     that many rows, each checkpointed, so neither the forward nor the backward ever holds more than one chunk's
     (rows, V) logits, softmax and gradient (at 8 x 256 response tokens: 0.4 GB each instead of 100 MB); the
     backward recomputes each chunk's projection (one more LM-head matmul). Same maths; the LM head's gradient is
-    then summed chunk by chunk (fp32 rounding-level differences from the one-matmul sum)."""
+    then summed chunk by chunk (fp32 rounding-level differences from the one-matmul sum). Not under FSDP2 or
+    DeepSpeed ZeRO-3 (one projection there)."""
     shape, H = labels.shape, hidden.shape[-1]
-    if labels.numel() <= LOGIT_CHUNK_ROWS or hasattr(model.get_output_embeddings().weight, "ds_id"):
-        # (ZeRO-3: its head module gathers the partitioned weight in its own forward, outside any recompute)
+    if (labels.numel() <= LOGIT_CHUNK_ROWS or hasattr(model.get_output_embeddings().weight, "ds_id")
+            or fsdp_requested()):
+        # (ZeRO-3's head module gathers its partitioned weight in its own forward, FSDP2 regathers a resharded
+        # root: one projection there, not a recompute inside the backward that no test has run)
         return _chunk_scores(model, hidden, labels, temperature, need_entropy, entropy_grad)
     from torch.utils.checkpoint import checkpoint
 
