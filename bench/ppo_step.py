@@ -54,6 +54,7 @@ def rm_dir(model_name: str, root: Path) -> str:
 
     out = root / "rm"
     if not out.exists():
+        torch.manual_seed(0)  # the score head's draw: the same reward model in every run of the bench
         rm = reward_model_from(load_model(model_name))
         rm.save_pretrained(out)
         load_tokenizer(model_name).save_pretrained(out)
