@@ -91,8 +91,8 @@ def enable_activation_checkpointing(model: torch.nn.Module, mode: bool | str) ->
     - "selective": each layer keeps its matmul and attention outputs and recomputes the cheap ops in the backward
       (norms, SiLU and its product, rotary, residual adds, bf16 casts) from them: the same ops on the same inputs,
       so the same values and gradients bit for bit, with ~40% less saved per token (0.23 GB at the PPO step's peak
-      on the embedded model) for a few elementwise passes (torch's selective activation checkpointing). Not
-      under DeepSpeed ZeRO-3, where it is off.
+      on the embedded model) for a few elementwise passes (torch's selective activation checkpointing). Off
+      under DeepSpeed ZeRO-3 and for a model whose code does not support checkpointing.
     - True: each layer keeps only its input and runs its whole forward again in the backward (the most memory
       saved, one more forward of time); the model's config then says use_cache False, as transformers asks.
     """
@@ -105,6 +105,8 @@ def enable_activation_checkpointing(model: torch.nn.Module, mode: bool | str) ->
             # ZeRO-3 gathers each module's weights from inside the layer (its module hooks): collectives that the
             # recompute would have to replay exactly; that layer keeps its activations instead
             return
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            return  # (the default must not refuse a model whose code has no checkpointing hook; true still does)
     kwargs: dict = {"use_reentrant": False}
     if mode == "selective":
         import functools

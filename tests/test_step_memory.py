@@ -178,6 +178,15 @@ def test_selective_checkpointing_gives_bitwise_equal_logprobs_and_gradients(amp)
     assert ops[mm] == plain_ops[mm] < full_ops[mm]  # ... and no matmul again
 
 
+def test_selective_checkpointing_leaves_a_model_without_checkpointing_support_as_it_is():
+    model = load_model("tiny-random-llama")
+    model.supports_gradient_checkpointing = False  # (as for model code without transformers' checkpointing hook)
+    memory.enable_activation_checkpointing(model, "selective")  # the default: no error, no checkpointing
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    with pytest.raises(ValueError, match="does not support"):  # asked for explicitly: transformers refuses
+        memory.enable_activation_checkpointing(model, True)
+
+
 def test_gradient_checkpointing_takes_false_true_or_selective():
     from ppolm.errors import ConfigError
 
