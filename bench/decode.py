@@ -45,12 +45,12 @@ def rollout_ms(model, steps: int, *, static: bool, amp: bool, step_fn=None) -> t
         else:
             cache = DynamicCache()
             model(input_ids=ids, attention_mask=att, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+        fn = step_fn or (lambda *a: model(input_ids=a[0], attention_mask=a[1], position_ids=a[2], cache=a[3],
+                                          use_cache=True, logits_to_keep=1, cache_position=a[4]).logits)
         for i in range(steps - 1):
             t = time.perf_counter()
             if static:
                 full[:, P + i] = 1
-                fn = step_fn or (lambda *a: model(input_ids=a[0], attention_mask=a[1], position_ids=a[2], cache=a[3],
-                                                  use_cache=True, logits_to_keep=1, cache_position=a[4]).logits)
                 fn(tok, full, pos[:, -1:] + 1 + i, cache, torch.tensor([P + i]))
             else:
                 att = torch.cat([att, torch.ones(B, 1, dtype=att.dtype)], 1)

@@ -76,13 +76,13 @@ def _saved_ops() -> frozenset:
     return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
 
 
+_SAVED_OPS = _saved_ops()
+
+
 def _keep_matmuls(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
 
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-_SAVED_OPS = _saved_ops()
 
 
 def enable_activation_checkpointing(model: torch.nn.Module, mode: bool | str) -> None:
@@ -98,7 +98,12 @@ def enable_activation_checkpointing(model: torch.nn.Module, mode: bool | str) ->
     """
     if mode is False:
         return
+    kwargs: dict = {"use_reentrant": False}
     if mode == "selective":
+        import functools
+
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
         from ppolm import zero
 
         if zero.deepspeed_requested() and zero.zero_stage() == 3:
@@ -107,12 +112,6 @@ def enable_activation_checkpointing(model: torch.nn.Module, mode: bool | str) ->
             return
         if not getattr(model, "supports_gradient_checkpointing", False):
             return  # (the default must not refuse a model whose code has no checkpointing hook; true still does)
-    kwargs: dict = {"use_reentrant": False}
-    if mode == "selective":
-        import functools
-
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:  # transformers >= 5.x names it so (gradient_checkpointing_enable: deprecated alias)

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ppolm.fsdp import fsdp_requested
 from ppolm.memory import recast_saved_weights
 from ppolm.ops import entropy_from_logits, logprobs_from_logits
 from ppolm.rollout import position_ids_from_mask
@@ -82,16 +81,20 @@ def autocast_ctx(dtype: torch.dtype | None, device: torch.device):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+def _fsdp_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 shards (some of) `model`'s weights."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 @contextlib.contextmanager
 def backbone_autocast(model: nn.Module, dtype: torch.dtype | None, device: torch.device) -> Iterator[None]:
     """`autocast_ctx` for a forward that may be followed by a backward: with grad, the bf16 casts of the weights
     are neither cached for the forward nor saved for the backward, which recasts them (`recast_saved_weights`:
     same bits, 0.21 GB less at the peak on the embedded model). Not under FSDP2: its weights are freed after the
     forward and regathered for the backward, so the graph keeps the casts it saved."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if (dtype is None or not torch.is_grad_enabled()
-            or any(isinstance(m, FSDPModule) for m in model.modules())):
+    if dtype is None or not torch.is_grad_enabled() or _fsdp_sharded(model):
         with autocast_ctx(dtype, device):
             yield
         return
@@ -204,7 +207,7 @@ def token_logprobs(
     DeepSpeed ZeRO-3 (one projection there)."""
     shape, H = labels.shape, hidden.shape[-1]
     if (labels.numel() <= LOGIT_CHUNK_ROWS or hasattr(model.get_output_embeddings().weight, "ds_id")
-            or fsdp_requested()):
+            or _fsdp_sharded(model)):
         # (ZeRO-3's head module gathers its partitioned weight in its own forward, FSDP2 regathers a resharded
         # root: one projection there, not a recompute inside the backward that no test has run)
         return _chunk_scores(model, hidden, labels, temperature, need_entropy, entropy_grad)
