@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="a serving-ready model directory: LoRA merged, weights fp32/bf16/int8")
     exp.add_argument("--model", required=True, help="model name, exported/final directory or LoRA adapter directory")
-    exp.add_argument("--output", required=True, help="output directory (replaced if present)")
+    exp.add_argument("--output", required=True,
+                     help="output directory: new or empty (never the source, inside it or containing it)")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace a non-empty --output (atomically, once the new export is complete)")
     exp.add_argument("--quantize", default="none", choices=["none", "bf16", "int8"],
                      help="int8 = torchao weight-only int8 (the quant extra)")
 
@@ -162,7 +165,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from ppolm.export import export_model_dir
 
-    out = export_model_dir(args.model, args.output, quantize=args.quantize)
+    out = export_model_dir(args.model, args.output, quantize=args.quantize, overwrite=args.overwrite)
     print(f"exported {args.model} -> {out} (weights: {args.quantize})")
     return 0
 

@@ -4,12 +4,13 @@ transformers loads back and `ppolm serve` answers from."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import httpx
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from ppolm.cli import main
 from ppolm.models import load_model, load_tokenizer
@@ -75,3 +76,69 @@ def test_export_rejects_a_bad_quantize_value(source, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["export", "--model", str(source), "--output", str(tmp_path / "x"), "--quantize", "int4"])
     assert exc.value.code == 2
+
+
+# ---- the output directory never harms the source; a failed export leaves the old output whole -----------------
+@pytest.fixture
+def run_dir(source, tmp_path):
+    """A training run as the trainers leave it: final/ (the model to export) next to the run's other files."""
+    run = tmp_path / "run"
+    shutil.copytree(source, run / "final")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    return run
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: export: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+def test_export_refuses_an_output_that_contains_the_source(run_dir, capsys, flags):
+    assert main(["export", "--model", str(run_dir / "final"), "--output", str(run_dir), *flags]) == 2
+    assert "contains the source" in _one_error_line(capsys)
+    assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+def test_export_refuses_an_output_inside_the_source(run_dir, capsys, flags):
+    before = sorted(p.name for p in (run_dir / "final").iterdir())
+    assert main(["export", "--model", str(run_dir / "final"), "--output", str(run_dir / "final" / "x"), *flags]) == 2
+    assert "inside the source" in _one_error_line(capsys)
+    assert sorted(p.name for p in (run_dir / "final").iterdir()) == before
+
+
+def test_export_refuses_the_source_itself_through_a_symlink(run_dir, tmp_path, capsys):
+    (tmp_path / "link").symlink_to(run_dir / "final")
+    assert main(["export", "--model", str(run_dir / "final"), "--output", str(tmp_path / "link"), "--overwrite"]) == 2
+    _one_error_line(capsys)
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_export_replaces_a_non_empty_output_only_with_overwrite(source, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", "--model", str(source), "--output", str(out)]) == 2
+    assert "--overwrite" in _one_error_line(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert main(["export", "--model", str(source), "--output", str(out), "--overwrite"]) == 0
+    assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
+    (tmp_path / "empty").mkdir()  # an empty directory is as good as a new one
+    assert main(["export", "--model", str(source), "--output", str(tmp_path / "empty")]) == 0
+
+
+def test_a_failed_export_leaves_the_old_output_whole(source, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(source), "--output", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(["export", "--model", str(source), "--output", str(out), "--overwrite", "--quantize", "bf16"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left behind
