@@ -33,8 +33,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ppolm.serve.batch import DeadlineExceeded
-from ppolm.serve.engine import DecodingDefaults, Engine, Finish, GenRequest
+from ppolm.serve.engine import DecodingDefaults, Engine
 from ppolm.serve.limits import (
     ApiError,
     ChatRequest,
@@ -47,6 +46,7 @@ from ppolm.serve.limits import (
 )
 from ppolm.serve.metrics import CONTENT_TYPE, ServeMetrics
 from ppolm.serve.middleware import LimitsMiddleware
+from ppolm.serve.request import DeadlineExceeded, Finish, GenRequest
 
 log = logging.getLogger("ppolm.serve")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,15 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from ppolm.sampling import sample_tokens
-
-if TYPE_CHECKING:
-    from ppolm.serve.engine import EngineStats, GenRequest
-
-GREEDY_BELOW = 1e-5  # temperatures under this are greedy: dividing logits by ~0 overflows to inf/NaN
-
-
-class DeadlineExceeded(Exception):
-    """A request ran past its deadline; its row was dropped from the batch."""
+from ppolm.serve.request import GREEDY_BELOW, DeadlineExceeded, EngineStats, Finish, GenRequest
 
 
 class Row:
@@ -77,8 +68,6 @@ class Row:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def _finish(self, reason: str, text: str) -> bool:
-        from ppolm.serve.engine import Finish
-
         if len(text) > self.sent:
             self.req.emit(text[self.sent :])
         self.req.emit(Finish(reason, len(self.req.prompt_ids), len(self.ids)))
@@ -109,7 +98,10 @@ class DecodeBatch:
     """The rows decoding together, their shared KV cache and the token each feeds next.
 
     State between steps: `pending` (B,) the last sampled tokens, `mask` (B, W) the attention mask including the
-    pending column, `positions` (B, 1) the pending tokens' positions; the cache holds W - 1 columns.
+    pending column, `positions` (B, 1) the pending tokens' positions; the cache holds W - 1 columns. The pending
+    column must be in the mask before its token is fed: the forward appends that token's key to the cache and
+    its query attends to it, so a mask one column short hides each new token from itself and every later step
+    samples from a distribution other than the model's (what a plain forward over the sequence gives).
     """
 
     def __init__(
@@ -177,6 +169,7 @@ class DecodeBatch:
         keep = self._push(rows, tokens)
         if not keep:
             return
+        mask = torch.cat([mask, mask.new_ones((len(reqs), 1))], dim=1)  # the pending (first sampled) token
         new = _Part(out.cache, mask, positions[:, -1:] + 1, torch.tensor(tokens, device=self.device))
         new.select(keep, len(rows))
         rows = [rows[i] for i in keep]
@@ -200,6 +193,7 @@ class DecodeBatch:
         tokens = sample_next(out.logits[:, -1, :].float(), self.rows)
         keep = self._push(self.rows, tokens)
         self.pending = torch.tensor(tokens, device=self.device)
+        # The column of the token just sampled, which the next step feeds (the cache now holds W columns).
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         self.positions = self.positions + 1
         self._select(keep)

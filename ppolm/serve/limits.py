@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ppolm.serve.engine import DecodingDefaults, SamplingParams
+from ppolm.serve.engine import DecodingDefaults
+from ppolm.serve.request import SamplingParams
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
