@@ -129,7 +129,23 @@ class GuardConfig(Section):
 class AlgoConfig(Section):
     estimator: Literal["gae", "grpo", "rloo", "reinforce_pp", "dr_grpo"] = "gae"
     """Advantage estimator: 'gae' (PPO with a critic) or critic-free 'grpo', 'rloo', 'reinforce_pp',
-    'dr_grpo' (no value model built or trained; see docs/implementation-details.md)."""
+    'dr_grpo' (no value model built or trained; see docs/implementation-details.md). grpo, rloo and dr_grpo
+    need rollout.samples_per_prompt >= 2."""
+
+
+# The estimators whose baseline is the rest of the group (ppolm.algo.estimators: Estimator.group_baseline; the
+# config does not import the maths, so the names are repeated here and a test keeps the two lists equal).
+GROUP_ESTIMATORS = ("grpo", "rloo", "dr_grpo")
+
+
+class LossConfig(Section):
+    agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] | None = None
+    """How the policy loss (with its KL and entropy terms) is averaged over a minibatch: 'token_mean' (every
+    response token weighs the same), 'seq_mean_token_mean' (mean over each response's tokens, then over
+    responses: the GRPO paper), 'seq_mean_token_sum_norm' (sum over each response's tokens / max_new_tokens,
+    mean over responses: Dr. GRPO). null = the estimator's paper default: token_mean for gae and reinforce_pp,
+    seq_mean_token_mean for grpo, seq_mean_token_sum_norm for dr_grpo and rloo (whole-response REINFORCE). The
+    value loss is always a token mean."""
 
 
 class RewardFunctionConfig(Section):
@@ -294,6 +310,8 @@ class PPORunConfig(CommonConfig):
     """KL penalty against the reference model."""
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     """The RL algorithm: advantage estimator."""
+    loss: LossConfig = Field(default_factory=LossConfig)
+    """How the policy loss is aggregated over tokens and responses."""
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     """PPO update hyper-parameters."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -335,7 +353,23 @@ class PPORunConfig(CommonConfig):
                              "trains none (use algo.estimator: gae)")
         if self.critic.init == "reward" and self.critic.kind != "separate":
             raise ValueError("critic.init: 'reward' needs critic.kind: 'separate' (a value head shares the policy)")
+        check_estimator_settings(self)
         return check_ppo_sampling(self)
+
+
+def check_estimator_settings(cfg: "PPORunConfig") -> None:
+    """Settings that run but do nothing, or something else than their name says."""
+    est, k = cfg.algo.estimator, cfg.rollout.samples_per_prompt
+    if est in GROUP_ESTIMATORS and k < 2:
+        raise ValueError(f"algo.estimator '{est}' needs rollout.samples_per_prompt >= 2 (got {k}): its baseline is "
+                         "the other responses to the same prompt, and without them it is REINFORCE on the raw "
+                         "reward; set rollout.samples_per_prompt (e.g. 4) or use algo.estimator 'reinforce_pp' or "
+                         "'gae'")
+    kl = cfg.kl
+    if kl.in_ == "loss" and kl.estimator == "k1" and (kl.coef > 0 or kl.adaptive):
+        raise ValueError("kl.in: 'loss' with kl.estimator: 'k1' penalises nothing: the gradient of a k1 term, "
+                         "log pi - log ref, is zero in expectation over samples of pi; set kl.estimator: k3 "
+                         "(GRPO) or k2, or kl.in: reward")
 
 
 def check_ppo_sampling(cfg: "PPORunConfig") -> "PPORunConfig":

@@ -135,7 +135,7 @@ def test_token_count_normalisation_makes_accumulation_exact():
     mask = (torch.rand(4, 5) > 0.3).float()
     whole = policy_loss(lp, old, adv, mask, 0.2).loss
     n = float(mask.sum())
-    parts = sum(policy_loss(lp[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1], 0.2, num_tokens=n).loss
+    parts = sum(policy_loss(lp[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1], 0.2, norm=n).loss
                 for i in range(4))
     assert torch.allclose(whole, parts, atol=1e-6)
 

@@ -89,6 +89,12 @@ CASES = [
     Case("critic-free-separate", ("algo.estimator=grpo", "critic.kind=separate"),
          ("critic.kind: 'separate' needs a critic", "'grpo'")),
     Case("reward-fn-no-name", ("reward.functions=[{weight: 2}]",), ("'reward.functions.0.name'", "Field required")),
+    # settings that would run and do nothing (issue 24): no baseline without a group, a k1 KL term without gradient
+    Case("group-k1", ("algo.estimator=grpo",), ("algo.estimator 'grpo' needs rollout.samples_per_prompt >= 2",
+                                                "REINFORCE on the raw reward")),
+    Case("kl-loss-k1", ("kl.in=loss",), ("kl.in: 'loss' with kl.estimator: 'k1'", "set kl.estimator: k3")),
+    Case("loss-agg", ("loss.agg=seq_mean",),
+         ("'loss.agg'", "'token_mean', 'seq_mean_token_mean' or 'seq_mean_token_sum_norm'", "'seq_mean'")),
     # overrides
     Case("override-no-equals", ("ppo.clip_eps",), ("override 'ppo.clip_eps'", "expected key=value")),
     Case("override-empty-key", ("=3",), ("override '=3'", "empty key")),

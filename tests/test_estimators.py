@@ -1,6 +1,7 @@
 """The advantage estimators of `algo.estimator` and the KL loss term against hand-computed numbers."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -84,7 +85,9 @@ def test_estimate_gae_and_reinforce_pp_dispatch():
 
 def test_registry_critic_and_normalisation_flags():
     assert [n for n, e in ESTIMATORS.items() if e.needs_critic] == ["gae"]
-    assert ESTIMATORS["dr_grpo"].constant_length_norm and not ESTIMATORS["grpo"].constant_length_norm
+    assert ESTIMATORS["dr_grpo"].loss_agg == "seq_mean_token_sum_norm"
+    assert ESTIMATORS["grpo"].loss_agg == "seq_mean_token_mean"
+    assert [n for n, e in ESTIMATORS.items() if e.group_baseline] == ["grpo", "rloo", "dr_grpo"]
     assert ESTIMATORS["reinforce_pp"].whiten == "always"
 
 
@@ -99,7 +102,7 @@ def test_kl_loss_hand_computed_and_gradient():
     loss.backward()
     # d/d lp of (exp(ref - lp) - 1 - (ref - lp)) = -r + 1 = 0.5; padding gets no gradient
     assert torch.allclose(lp.grad, T([[0.5, 0.0]]), atol=1e-6)
-    assert kl_loss(lp, ref, mask, "k3", num_tokens=4.0).item() == pytest.approx(k3 / 4, abs=1e-6)
+    assert kl_loss(lp, ref, mask, "k3", norm=4.0).item() == pytest.approx(k3 / 4, abs=1e-6)
 
 
 def test_describe_lists_the_estimators_and_kl_in():
@@ -110,5 +113,48 @@ def test_describe_lists_the_estimators_and_kl_in():
     assert all(name in rows["algo.estimator"][1] for name in ESTIMATORS)
     assert rows["kl.in"][0] == "'reward'" and "kl.in_" not in rows
     assert rows["rollout.samples_per_prompt"][0] == "1"
-    cfg = load_config(PPORunConfig, None, ["kl.in=loss", "algo.estimator=rloo"])
+    cfg = load_config(PPORunConfig, None, ["kl.in=loss", "kl.estimator=k3", "algo.estimator=rloo",
+                                           "rollout.samples_per_prompt=4"])
     assert cfg.kl.in_ == "loss" and cfg.model_dump(mode="json")["kl"]["in"] == "loss"
+    assert rows["loss.agg"][0] == "None" and "paper default" in rows["loss.agg"][1]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algo.estimator=grpo"], "algo.estimator 'grpo' needs rollout.samples_per_prompt >= 2 (got 1)"),
+    (["algo.estimator=rloo"], "algo.estimator 'rloo' needs rollout.samples_per_prompt >= 2"),
+    (["algo.estimator=dr_grpo"], "algo.estimator 'dr_grpo' needs rollout.samples_per_prompt >= 2"),
+    (["kl.in=loss"], "kl.in: 'loss' with kl.estimator: 'k1'"),
+    (["kl.in=loss", "kl.coef=0", "kl.adaptive=true"], "kl.in: 'loss' with kl.estimator: 'k1'"),
+])
+def test_settings_that_do_nothing_are_refused(overrides, message):
+    """A group estimator with k = 1 is REINFORCE without a baseline; a k1 KL in the loss has zero expected
+    gradient (E_pi[grad log pi] = 0)."""
+    from ppolm.config import ConfigError, PPORunConfig, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(PPORunConfig, None, overrides)
+
+
+def test_settings_that_work_are_accepted():
+    from ppolm.config import PPORunConfig, load_config
+
+    for overrides in (["algo.estimator=grpo", "rollout.samples_per_prompt=2", "ppo.minibatch_size=8"],
+                      ["algo.estimator=reinforce_pp"], ["kl.in=loss", "kl.estimator=k3"],
+                      ["kl.in=loss", "kl.estimator=k2"],
+                      ["kl.in=loss", "kl.coef=0"]):  # the KL term is off: nothing to refuse
+        load_config(PPORunConfig, None, overrides)
+
+
+def test_k1_in_the_loss_has_no_expected_gradient_and_k3_has():
+    """Why kl.in: loss refuses k1: over every token of a small vocabulary weighted by pi (the exact expectation
+    over samples of pi), the gradient of the k1 term is 0; k3's is not."""
+    logits = T([0.3, -1.2, 0.8], requires_grad=True)
+    ref = torch.log_softmax(T([1.0, 0.0, -1.0]), -1)
+    logp = torch.log_softmax(logits, -1)
+    p = logp.exp().detach()
+    grads = {}
+    for est in ("k1", "k3"):
+        terms = torch.stack([kl_loss(logp[i].view(1, 1), ref[i].view(1, 1), torch.ones(1, 1), est) for i in range(3)])
+        (grads[est],) = torch.autograd.grad((p * terms).sum(), logits, retain_graph=True)
+    assert torch.allclose(grads["k1"], torch.zeros(3), atol=1e-7)
+    assert grads["k3"].abs().max() > 1e-2

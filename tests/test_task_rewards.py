@@ -107,3 +107,28 @@ def test_rewards_are_in_unit_interval_and_per_example(name: str) -> None:
     if name not in ("classification", "label_judge"):  # without labels_all these use the batch's label set
         singles = [fn([""], [c], **{k: [v[i]] for k, v in fields.items()})[0] for i, c in enumerate(completions)]
         assert singles == pytest.approx(batch)
+
+
+def test_classification_reward_through_the_config_a_user_writes(tmp_path) -> None:
+    """`reward.functions: [{name: classification}]` on the classification task's own rows, whose `labels_all`
+    field holds one label list per row: it crashed at the first batch (`list(labels_all)` kept the lists)."""
+    from ppolm.config import PPORunConfig, load_config
+    from ppolm.trainers.ppo import PPOTrainer
+
+    cfg = load_config(PPORunConfig, None, [
+        "model=tiny-random-llama", "precision=fp32", f"output_dir={tmp_path}", "max_steps=1",
+        "log.progress=false", "log.tensorboard=false", "checkpoint.every=0", "task.name=classification",
+        "reward.functions=[{name: classification, kwargs: {partial_credit: 0.5}}]",
+        "rollout.batch_size=4", "ppo.minibatch_size=4", "rollout.max_new_tokens=4",
+    ])
+    trainer = PPOTrainer(cfg)
+    examples = trainer.prompts.examples[:3]
+    rows = trainer.task.row_fields(examples)
+    assert isinstance(rows["labels_all"][0], list)  # the shape that crashed
+    gold = rows["label"]
+    other = [next(w for w in rows["labels_all"][0] if w != g) for g in gold]
+    completions = [f"{gold[0]}.", f"{other[1]}, or maybe {gold[1]}", f"{other[2]}"]
+    scores = trainer.scorer.raw_scores([ex.prompt for ex in examples], completions, rows)
+    assert scores.tolist() == [1.0, 0.5, 0.0]
+    last = trainer.train()  # and a whole step through the trainer's own scoring
+    assert 0.0 <= last["reward/mean"] <= 1.0

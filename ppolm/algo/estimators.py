@@ -5,13 +5,16 @@ responses to the same prompt, each group's rows contiguous: rows [g*k, (g+1)*k) 
 `x.view(-1, k)` puts one group per row. Outcome estimators (grpo, rloo, dr_grpo) turn each response's total
 reward (N,) into one advantage per sequence that is broadcast over its response tokens (padding gets 0).
 
-| name         | baseline                      | scale              | critic | source                        |
-| ------------ | ----------------------------- | ------------------ | ------ | ----------------------------- |
-| gae          | V(s_t) from the critic        | global whitening   | yes    | Schulman et al. 2016          |
-| grpo         | group mean                    | / group std        | no     | Shao et al. 2024 DeepSeekMath |
-| rloo         | mean of the other k-1 samples | none               | no     | Ahmadian et al. 2024          |
-| reinforce_pp | none (token returns)          | global whitening   | no     | Hu 2025 REINFORCE++           |
-| dr_grpo      | group mean                    | none; loss / const | no     | Liu et al. 2025 Dr. GRPO      |
+| name         | baseline                      | scale            | critic | loss.agg default        | source            |
+| ------------ | ----------------------------- | ---------------- | ------ | ----------------------- | ----------------- |
+| gae          | V(s_t) from the critic        | global whitening | yes    | token_mean              | Schulman 2016     |
+| grpo         | group mean                    | / group std      | no     | seq_mean_token_mean     | Shao 2024 (GRPO)  |
+| rloo         | mean of the other k-1 samples | none             | no     | seq_mean_token_sum_norm | Ahmadian 2024     |
+| reinforce_pp | none (token returns)          | global whitening | no     | token_mean              | Hu 2025           |
+| dr_grpo      | group mean                    | none             | no     | seq_mean_token_sum_norm | Liu 2025 Dr. GRPO |
+
+The group estimators (grpo, rloo, dr_grpo) need k >= 2: with k = 1 there is no baseline and the advantage is
+the raw reward (the config refuses it; the functions below still define k = 1, as verl does).
 """
 
 from __future__ import annotations
@@ -29,22 +32,32 @@ class Estimator:
 
     needs_critic: a value model is built, its values fed in, its loss trained and logged.
     whiten: 'config' (ppo.whiten_advantages decides), 'always' (part of the method) or 'never'.
-    constant_length_norm: the policy loss sums over tokens and divides by rows x max_new_tokens, a constant,
-      instead of the number of response tokens (Dr. GRPO: no preference for short or long responses).
+    loss_agg: the policy-loss aggregation of the method's paper (ppolm.algo.aggregation), what `loss.agg: null`
+      resolves to. gae / reinforce_pp: token_mean (N+ details; OpenRLHF's REINFORCE++). grpo:
+      seq_mean_token_mean (Shao et al. 2024 eq. 3: 1/G sum_i 1/|o_i| sum_t). dr_grpo: seq_mean_token_sum_norm
+      (Liu et al. 2025: 1/|o_i| replaced by a constant). rloo: seq_mean_token_sum_norm, because Ahmadian et al.
+      2024 treat the whole response as one action: the gradient is A_i grad log pi(y_i | x) = A_i sum_t grad log
+      pi(y_t | ...), a sum over the response's tokens averaged over responses; the constant (max_new_tokens)
+      only scales it to the size of a token mean.
+    group_baseline: the baseline comes from the other responses of the group, so k = samples_per_prompt >= 2.
     """
 
     name: str
     needs_critic: bool
     whiten: str
-    constant_length_norm: bool = False
+    loss_agg: str = "token_mean"
+    group_baseline: bool = False
 
 
 ESTIMATORS: dict[str, Estimator] = {
     "gae": Estimator("gae", needs_critic=True, whiten="config"),
-    "grpo": Estimator("grpo", needs_critic=False, whiten="never"),
-    "rloo": Estimator("rloo", needs_critic=False, whiten="never"),
+    "grpo": Estimator("grpo", needs_critic=False, whiten="never", loss_agg="seq_mean_token_mean",
+                      group_baseline=True),
+    "rloo": Estimator("rloo", needs_critic=False, whiten="never", loss_agg="seq_mean_token_sum_norm",
+                      group_baseline=True),
     "reinforce_pp": Estimator("reinforce_pp", needs_critic=False, whiten="always"),
-    "dr_grpo": Estimator("dr_grpo", needs_critic=False, whiten="never", constant_length_norm=True),
+    "dr_grpo": Estimator("dr_grpo", needs_critic=False, whiten="never", loss_agg="seq_mean_token_sum_norm",
+                         group_baseline=True),
 }
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ppolm.algo.aggregation import agg_loss
 from ppolm.ops import kl_estimate, masked_mean, masked_sum
 
 
@@ -35,20 +36,23 @@ def policy_loss(
     response_mask: torch.Tensor,
     clip_eps: float,
     log_ratio_clamp: float = 20.0,
-    num_tokens: float | None = None,
+    norm: float | None = None,
+    agg: str = "token_mean",
 ) -> PolicyLossOut:
     """Clipped surrogate (Schulman et al. 2017):
 
     ratio = exp(logprobs - old_logprobs)
-    L = mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) )  over response tokens.
-    The log-ratio is clamped to +-log_ratio_clamp before exp() so one bad token cannot overflow the loss.
-    Inputs (B, R); returns scalar loss and diagnostics (no grad in the diagnostics).
+    L = agg( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) )  over response tokens,
+    agg the `loss.agg` aggregation (token mean by default; ppolm.algo.aggregation), norm its normaliser for the
+    whole minibatch (None: these rows'). The log-ratio is clamped to +-log_ratio_clamp before exp() so one bad
+    token cannot overflow the loss. Inputs (B, R); returns scalar loss and diagnostics (no grad in the
+    diagnostics, which are token means whatever agg is).
     """
     log_ratio = (logprobs.float() - old_logprobs.float()).clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = token_mean(torch.maximum(unclipped, clipped), response_mask, num_tokens)
+    loss = agg_loss(torch.maximum(unclipped, clipped), response_mask, agg, norm)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), response_mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, response_mask)
@@ -89,9 +93,11 @@ def value_loss(
     return ValueLossOut(loss, clipfrac)
 
 
-def entropy_bonus(entropy: torch.Tensor, response_mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
-    """Mean per-token entropy over response tokens; the loss subtracts ent_coef times this."""
-    return token_mean(entropy, response_mask, num_tokens)
+def entropy_bonus(entropy: torch.Tensor, response_mask: torch.Tensor, norm: float | None = None,
+                  agg: str = "token_mean") -> torch.Tensor:
+    """Per-token entropy over response tokens, aggregated like the policy loss (`agg`, `norm` as in
+    policy_loss); the loss subtracts ent_coef times this."""
+    return agg_loss(entropy, response_mask, agg, norm)
 
 
 def kl_loss(
@@ -99,12 +105,15 @@ def kl_loss(
     ref_logprobs: torch.Tensor,
     response_mask: torch.Tensor,
     estimator: str = "k3",
-    num_tokens: float | None = None,
+    norm: float | None = None,
+    agg: str = "token_mean",
 ) -> torch.Tensor:
-    """KL to the reference as a loss term (GRPO, Shao et al. 2024 eq. 4 uses k3): mean over response tokens of
-    kl_estimate(logprobs, ref_logprobs); the gradient flows through logprobs. (B, R) each -> scalar; the loss
-    adds kl_coef times this (`kl.in: loss`)."""
-    return token_mean(kl_estimate(logprobs, ref_logprobs, estimator), response_mask, num_tokens)
+    """KL to the reference as a loss term (GRPO, Shao et al. 2024 eq. 4 uses k3): kl_estimate(logprobs,
+    ref_logprobs) over response tokens, aggregated like the policy loss (`agg`, `norm` as in policy_loss: GRPO
+    puts it inside the same per-response mean); the gradient flows through logprobs. (B, R) each -> scalar; the
+    loss adds kl_coef times this (`kl.in: loss`). k1 is refused there by the config: E_pi[grad log pi] = 0, so a
+    k1 term has no gradient in expectation."""
+    return agg_loss(kl_estimate(logprobs, ref_logprobs, estimator), response_mask, agg, norm)
 
 
 def sft_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from ppolm.errors import ConfigError
-from ppolm.eval.metrics import label_from_completion, labels_in_completion
+from ppolm.eval.metrics import label_from_completion, label_set, labels_in_completion
 from ppolm.eval.mt_metrics import sentence_bleu, sentence_chrf
 from ppolm.eval.ner_metrics import parse_entities, sentence_entity_f1
 from ppolm.rewards.label_judge import label_judge_reward
@@ -39,7 +39,7 @@ def classification_reward(
     completions: Sequence[str],
     *,
     label: Sequence[str],
-    labels_all: Sequence[str] | None = None,
+    labels_all: Sequence[str] | Sequence[Sequence[str]] | None = None,
     partial_credit: float = 0.0,
     **_unused: Any,
 ) -> list[float]:
@@ -48,11 +48,14 @@ def classification_reward(
     r_i = 1               if label_from_completion(c_i, labels_all) == label_i
         = partial_credit  if label_i occurs in c_i (whole word, any case) but another label comes first
         = 0               otherwise.
-    ``labels_all`` is the full label set; without it, the distinct gold labels of this batch are used,
-    which misses labels absent from the batch -- pass it whenever it is known.
+    ``labels_all`` is the full label set, given once (``["negative", "positive"]``) or as the classification
+    task's row field, one label list per row (what ``reward.functions: [{name: classification}]`` receives);
+    without it, the distinct gold labels of this batch are used, which misses labels absent from the batch --
+    pass it whenever it is known.
     """
     _check_lengths(completions, label=label)
-    candidates = list(labels_all) if labels_all is not None else sorted(set(label))
+    labels = label_set(labels_all)
+    candidates = labels if labels is not None else sorted(set(label))
     rewards = []
     for completion, gold in zip(completions, label):
         first = label_from_completion(completion, candidates + [gold])

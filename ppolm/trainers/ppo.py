@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ppolm.algo.advantages import shaped_rewards
+from ppolm.algo.aggregation import agg_norm
 from ppolm.algo.estimators import estimate, get_estimator
 from ppolm.algo.kl import make_kl_controller
 from ppolm.algo.losses import entropy_bonus, explained_variance, kl_loss, policy_loss, value_loss
@@ -80,6 +81,8 @@ class PPOTrainer:
             raise DataError(cfg.task.data or cfg.task.name, None, None,
                             f"no prompt fits rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}")
         self.estimator = get_estimator(cfg.algo.estimator)
+        # loss.agg null: the estimator's paper default (recorded as a comment in output_dir/config.yaml)
+        self.loss_agg = cfg.loss.agg or self.estimator.loss_agg
         self.actor, self.reference = build_actor_critic(cfg, self.amp)
         self.actor.to(self.runtime.device)
         if self.reference is not None:
@@ -106,7 +109,10 @@ class PPOTrainer:
                            autocast=self.amp, seed=cfg.seed, is_main=self.runtime.is_main,
                            export=self.checkpointer.export_final, resumed=self.start_step > 0)
         if self.runtime.is_main:
-            save_config(cfg, cfg.output_dir)
+            path = save_config(cfg, cfg.output_dir)
+            if cfg.loss.agg is None:  # a comment: a rerun of this file still resolves it from algo.estimator
+                with path.open("a", encoding="utf-8") as f:
+                    f.write(f"# loss.agg null resolved to '{self.loss_agg}' (algo.estimator '{self.estimator.name}')\n")
 
     def _build_scorer(self, reward_fn, extra_fns) -> Scorer:
         cfg = self.cfg.reward
@@ -238,9 +244,13 @@ class PPOTrainer:
         p, world = self.cfg.ppo, self.runtime.world_size
         self.actor.train()
         group, critic, kl_in_loss = self.cfg.rollout.samples_per_prompt, self.estimator.needs_critic, self._kl_in_loss()
+        agg, max_len = self.loss_agg, self.cfg.rollout.max_new_tokens
         sums: dict[str, float] = {}
         n_tokens_total = 0.0
-        norm_total = 0.0  # sum of the loss normalizers (global tokens, or Dr. GRPO's constant) of the minibatches
+        # sums over the minibatches of their global normalisers: of the policy terms (loss.agg: tokens, responses,
+        # or responses x max_new_tokens) and of the value loss (tokens); they weight the loss/* metrics
+        norm_total = 0.0
+        tokens_norm_total = 0.0
         stopped_early = 0.0
         steps_taken = 0  # optimizer steps actually applied (early stop and skipped non-finite steps excluded)
         for epoch in range(p.epochs):
@@ -251,9 +261,11 @@ class PPOTrainer:
             epoch_kl = []
             for mb_index in order.split(p.minibatch_size):
                 mb = exp.select(mb_index)
+                # Every micro-batch (and process) divides by the whole minibatch's normaliser, so their losses add
+                # up to the minibatch loss in every loss.agg mode (ppolm.algo.aggregation).
                 mb_tokens = float(self.runtime.sum(mb.response_mask.sum()))
-                if self.estimator.constant_length_norm:  # Dr. GRPO: sum over tokens / (rows x max length)
-                    mb_tokens = float(len(mb) * world * self.cfg.rollout.max_new_tokens)
+                mb_norm = mb_tokens if agg == "token_mean" else float(
+                    self.runtime.sum(agg_norm(agg, mb.response_mask, max_len)))
                 micro = [mb.select(i) for i in torch.arange(len(mb)).chunk(p.grad_accum_steps)]
 
                 def loss_fn(m: Experience, index: torch.Tensor = mb_index):
@@ -267,11 +279,11 @@ class PPOTrainer:
                             need_entropy=p.ent_coef > 0, autocast_dtype=self.amp,
                         )
                     pl = policy_loss(logprobs, m.old_logprobs, m.advantages, m.response_mask, p.clip_eps,
-                                     p.log_ratio_clamp, num_tokens=mb_tokens)
+                                     p.log_ratio_clamp, norm=mb_norm, agg=agg)
                     loss = pl.loss
                     ntok = float(m.response_mask.sum())
                     metrics = {
-                        "loss/policy": float(pl.loss.detach()) * mb_tokens,
+                        "loss/policy": float(pl.loss.detach()) * mb_norm,
                         "policy/clipfrac": float(pl.clipfrac) * ntok, "policy/approx_kl": float(pl.approx_kl) * ntok,
                         "policy/ratio_mean": float(pl.ratio_mean) * ntok,
                     }
@@ -282,12 +294,12 @@ class PPOTrainer:
                         metrics["loss/value"] = float(vl.loss.detach()) * mb_tokens
                         metrics["val/clipfrac"] = float(vl.clipfrac) * ntok
                     if kl_in_loss:
-                        kll = kl_loss(logprobs, m.ref_logprobs, m.response_mask, self.cfg.kl.estimator, mb_tokens)
+                        kll = kl_loss(logprobs, m.ref_logprobs, m.response_mask, self.cfg.kl.estimator, mb_norm, agg)
                         loss = loss + self.kl_ctl.value * kll
-                        metrics["loss/kl"] = float(kll.detach()) * mb_tokens
+                        metrics["loss/kl"] = float(kll.detach()) * mb_norm
                     if p.ent_coef > 0:
-                        loss = loss - p.ent_coef * entropy_bonus(entropy, m.response_mask, num_tokens=mb_tokens)
-                    # DDP averages gradients over processes; the loss is already a global token mean.
+                        loss = loss - p.ent_coef * entropy_bonus(entropy, m.response_mask, mb_norm, agg)
+                    # DDP averages gradients over processes; the loss is already normalised globally.
                     return loss * world, metrics
 
                 result = self.optim.step(micro, loss_fn, where=f"step {step + 1}")
@@ -297,7 +309,8 @@ class PPOTrainer:
                     sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + result.grad_norm
                     steps_taken += 1
                 n_tokens_total += float(mb.response_mask.sum())
-                norm_total += mb_tokens
+                norm_total += mb_norm
+                tokens_norm_total += mb_tokens
                 epoch_kl.append(result.metrics.get("policy/approx_kl", 0.0) / max(float(mb.response_mask.sum()), 1.0))
             if p.target_kl is not None:
                 mean_kl = float(self.runtime.sum(sum(epoch_kl) / max(len(epoch_kl), 1))) / world
@@ -307,7 +320,8 @@ class PPOTrainer:
         out = {}
         for k, v in sums.items():
             if k.startswith("loss/"):
-                out[k] = float(self.runtime.sum(v)) / max(norm_total, 1.0)
+                total = tokens_norm_total if k == "loss/value" else norm_total
+                out[k] = float(self.runtime.sum(v)) / max(total, 1.0)
             elif k == "optim/grad_norm":
                 out[k] = v / steps_taken
             else:
