@@ -4,14 +4,22 @@
                              [--sides ppolm,floor,floor-bf16] [--set KEY=VALUE ...]
 
 Batch 8 prompts, responses of exactly R tokens (EOS suppressed), a reward model (sequence-classification head on
-the policy's backbone) as the reward on every side, one PPO epoch of one minibatch. Sides: ppolm; ppolm-lora (the
-LoRA fast path, opt-in: adapters only, not the floor's work, reported apart); the fp32 floor
-and the bf16-autocast floor (`bench/floor.py`, what a competent plain implementation does). Each side runs in its
-own process, one after the other, so its peak RSS is its own. Reports medians over --steps measured steps after
-one warm-up step, the update phase's achieved FLOP/s against this machine's matmul peak, s/step at every response
-length with its growth against linear, and last `speedup floor/ppolm = X` (fp32 floor, first response length,
-last model). --set passes config overrides to the ppolm sides (to measure one lever: e.g.
-`--set gradient_checkpointing=false`).
+the policy's backbone) as the reward on every side, one PPO epoch of one minibatch; at step s every side gets the
+same 8 prompts (the ones ppolm's seeded order gives step s). Sides (`SIDES`):
+- ppolm: the default config (value head on the policy, fused first forward, bf16 autocast);
+- ppolm-separate: ppolm with the floor's design: `critic.kind=separate` (its own backbone + value head) and
+  `ppo.fuse_first_forward=false` (a no-grad forward for the old log-probs and values);
+- ppolm-lora: the LoRA fast path (opt-in: adapters only, not the floor's work, reported apart);
+- floor, floor-bf16: `bench/floor.py` (what a competent plain implementation does: separate value model, a no-grad
+  forward for the old log-probs), fp32 and under bf16 autocast;
+- floor-vh, floor-vh-bf16: the floor with ppolm's design (a value head on the policy, the fused first forward).
+The like-for-like pairs (`PAIRS`) then split ppolm's lead: floor-vh-bf16/ppolm and floor-bf16/ppolm-separate are
+the same design in two implementations; floor-bf16/floor-vh-bf16 and ppolm-separate/ppolm are one implementation
+with two designs. Each side runs in its own process, one after the other, so its peak RSS is its own. Reports
+medians over --steps measured steps after one warm-up step, the update phase's achieved FLOP/s against this
+machine's matmul peak, s/step at every response length with its growth against linear, the pairs' ratios, and
+last `speedup floor/ppolm = X` (fp32 floor, first response length, last model). --set passes config overrides to
+the ppolm sides (to measure one lever: e.g. `--set gradient_checkpointing=false`).
 """
 
 from __future__ import annotations
@@ -33,6 +41,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 B = 8
 PHASES = ["rollout", "scoring", "ref_values", "update", "total"]
+SIDES = ("ppolm", "ppolm-separate", "ppolm-lora", "floor", "floor-bf16", "floor-vh", "floor-vh-bf16")
+# config overrides that make each ppolm side (before --set)
+PPOLM_SIDES = {
+    "ppolm": (),
+    "ppolm-separate": ("critic.kind=separate", "ppo.fuse_first_forward=false"),
+    "ppolm-lora": ("lora.enabled=true", "optim.lr=1e-4"),
+}
+# (numerator side, denominator side, what the ratio of their s/step isolates)
+PAIRS = [
+    ("floor-vh-bf16", "ppolm", "implementation, ppolm's design (value head, fused first forward, bf16)"),
+    ("floor-bf16", "ppolm-separate", "implementation, the floor's design (separate critic, no-grad forward, bf16)"),
+    ("floor-bf16", "floor-vh-bf16", "design, in the floor (bf16)"),
+    ("floor", "floor-vh", "design, in the floor (fp32)"),
+    ("ppolm-separate", "ppolm", "design, in ppolm"),
+]
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -74,6 +97,15 @@ def ppolm_trainer(model: str, rm: str, steps: int, R: int, out_dir: Path, extra:
     return PPOTrainer(cfg)
 
 
+def step_prompts(trainer, step: int) -> list[list[int]]:
+    """The token ids of the prompts ppolm's rollout takes at `step` (0-based): every side is given these."""
+    from ppolm.trainers.prompts import step_rows
+
+    rows = step_rows(len(trainer.prompts.examples), trainer.cfg.seed, step, trainer.global_batch,
+                     trainer.runtime.rank, trainer.cfg.rollout.batch_size)
+    return [trainer.prompts.token_ids[i] for _, i in rows]
+
+
 def update_flops(trainer, n_tokens: int, n_resp: int) -> float:
     """Matmul FLOPs of the update phase: 6 x body params x tokens (fwd + bwd) + 6 x H x V x response tokens
     per epoch; with the fused first forward the forward runs in the experience phase, leaving 4/6 here."""
@@ -93,26 +125,26 @@ def child(side: str, model: str, steps: int, R: int, rm: str, overrides: tuple[s
     torch.manual_seed(0)
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        # ppolm-lora: the LoRA fast path (adapters only train; the reference is the policy with adapters off)
-        extra = (("lora.enabled=true", "optim.lr=1e-4") if side == "ppolm-lora" else ()) + overrides
+        extra = PPOLM_SIDES.get(side, ()) + overrides
         trainer = ppolm_trainer(model, rm, steps, R, Path(tmp) / "run", extra)
-        if side in ("ppolm", "ppolm-lora"):
+        prompts = [step_prompts(trainer, s) for s in range(steps + 1)]
+        if side in PPOLM_SIDES:
             rows = [trainer.step(s).metrics for s in range(steps + 1)][1:]
             keys = {"rollout": "time/rollout_s", "scoring": "time/score_s", "ref_values": "time/experience_s",
                     "update": "time/update_s", "total": "time/step_s"}
             out = {k: statistics.median(r[v] for r in rows) for k, v in keys.items()}
-            n_tokens = B * (len(max(trainer.prompts.token_ids[:B], key=len)) + R)
+            n_tokens = statistics.median(B * (len(max(p, key=len)) + R) for p in prompts[1:])
             out["update_flops"] = update_flops(trainer, n_tokens, B * R)
             out["bf16"] = trainer.amp == torch.bfloat16
         else:
             from floor import FloorPPO
 
-            prompts = [trainer.prompts.token_ids[i] for i in range(B)]
             del trainer  # the floor process holds only the floor's models
             tok, policy = load_tokenizer(model), load_model(model)
-            floor = FloorPPO(policy, tok, load_model(rm, kind="seqcls"), lr=1e-6, bf16=side == "floor-bf16")
-            ids, attn = left_pad_collate(prompts, tok.pad_token_id)
-            rows = [floor.step(ids, attn, R) for _ in range(steps + 1)][1:]
+            floor = FloorPPO(policy, tok, load_model(rm, kind="seqcls"), lr=1e-6, bf16=side.endswith("-bf16"),
+                             value_head=side.startswith("floor-vh"), fused_first_forward=side.startswith("floor-vh"))
+            batches = [left_pad_collate(p, tok.pad_token_id) for p in prompts]
+            rows = [floor.step(ids, attn, R) for ids, attn in batches][1:]
             out = {k: statistics.median(r[k] for r in rows) for k in PHASES}
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
@@ -133,7 +165,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--responses", default="24", help="response lengths, e.g. 24,96,256")
     ap.add_argument("--sides", default="ppolm,floor,floor-bf16",
-                    help="any of ppolm, ppolm-lora (LoRA adapters, full-rank floor), floor, floor-bf16")
+                    help="any of " + ", ".join(SIDES) + " (ppolm-lora: LoRA adapters against a full-rank floor)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for the ppolm sides (repeatable)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -143,12 +175,15 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.models, args.steps, lengths[0], args.rm, tuple(args.set))))
         return
+    sides = args.sides.split(",")
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown:
+        raise SystemExit(f"--sides: unknown {unknown}; choose from {', '.join(SIDES)}")
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     if args.set:
         print("ppolm sides with: " + " ".join(args.set))
     print(f"matmul peak 2048^3: fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s "
           f"({torch.get_num_threads()} threads)")
-    sides = args.sides.split(",")
     speedup = float("nan")
     for model in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -158,12 +193,18 @@ def main() -> None:
         for R, res in by_len.items():
             print(f"\n== {model}: batch {B}, response {R}, medians of {args.steps} steps (s/step)")
             print(f"{'phase':12s}" + "".join(f" {s:>11s}" for s in sides)
-                  + "".join(f" {s + '/ppolm':>17s}" for s in sides if s != "ppolm"))
+                  + "".join(f" {s + '/ppolm':>17s}" for s in sides if s != "ppolm" and "ppolm" in res))
             for k in PHASES:
                 base = res.get("ppolm", {}).get(k)
                 print(f"{k:12s}" + "".join(f" {res[s][k]:11.3f}" for s in sides)
                       + "".join(f" {res[s][k] / base:17.2f}" for s in sides if s != "ppolm" and base))
             print("peak RSS GiB" + "".join(f" {res[s]['peak_rss_gib']:11.2f}" for s in sides))
+            pairs = [(a, b) for a, b, _ in PAIRS if a in res and b in res]
+            if pairs:
+                print("like-for-like pairs (ratio of s/step; > 1: the second side is faster)")
+                print(f"{'phase':12s}" + "".join(f" {a + '/' + b:>29s}" for a, b in pairs))
+                for k in PHASES:
+                    print(f"{k:12s}" + "".join(f" {res[a][k] / res[b][k]:29.2f}" for a, b in pairs))
             if "ppolm" in res:  # (ppolm-lora computes no weight gradients: its FLOPs are not these)
                 p = res["ppolm"]
                 peak = peak16 if p["bf16"] else peak32
@@ -177,6 +218,9 @@ def main() -> None:
                 print(f"response {R:4d} (x{R / r0:.1f}):" + "".join(
                     f" {s} x{by_len[R][s]['total'] / by_len[r0][s]['total']:.2f}" for s in sides))
         first = by_len[lengths[0]]
+        for a, b, what in PAIRS:
+            if a in first and b in first:
+                print(f"pair {a}/{b} = {first[a]['total'] / first[b]['total']:.2f} ({what})")
         if "ppolm" in first and "floor-bf16" in first:
             print(f"speedup bf16-floor/ppolm = {first['floor-bf16']['total'] / first['ppolm']['total']:.2f}")
         if "ppolm-lora" in first and "floor" in first:
