@@ -21,10 +21,10 @@ from transformers import PreTrainedModel
 
 from ppolm.errors import ConfigError, ModelLoadError
 from ppolm.state_io import atomic_directory, load_json
+from ppolm.tasks.base import DECODING_FILE
 
 QUANTIZE = ("none", "bf16", "int8")
 ADAPTER_FILE = "adapter_config.json"
-DECODING_FILE = "ppolm_decoding.json"
 
 
 def load_merged(src: str) -> PreTrainedModel:

@@ -409,6 +409,7 @@ def export_candidate(chosen: Candidate, task: Task, dest: Path, base: str) -> Pa
     """Copy the chosen model directory (or save the base model) with tokenizer, chat template, decoding."""
     from ppolm.models import load_model, load_tokenizer
     from ppolm.state_io import atomic_directory, save_json
+    from ppolm.tasks.base import DECODING_FILE, decoding_record
 
     src = Path(chosen.model_dir)
     d = task.decoding
@@ -418,11 +419,8 @@ def export_candidate(chosen: Candidate, task: Task, dest: Path, base: str) -> Pa
         else:
             load_model(chosen.model_dir).save_pretrained(tmp, safe_serialization=True)
             load_tokenizer(chosen.model_dir).save_pretrained(tmp)
-        save_json(tmp / "ppolm_decoding.json", {
-            "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k, "max_new_tokens": d.max_new_tokens,
-            "stop": list(d.stop), "system_prompt": task.system_prompt, "task": task.name, "stage": chosen.name,
-            "base_model": base,
-        })
+        save_json(tmp / DECODING_FILE, decoding_record(d, task.system_prompt, task=task.name, stage=chosen.name,
+                                                       base_model=base))
     return dest
 
 

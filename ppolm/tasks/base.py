@@ -51,6 +51,19 @@ class Decoding:
             raise ConfigError(f"top_k must be >= 0 and max_new_tokens >= 1 (got {self.top_k}, {self.max_new_tokens})")
 
 
+DECODING_FILE = "ppolm_decoding.json"
+"""Next to an exported model's weights: the decoding settings `ppolm serve` falls back to, and who made it."""
+
+
+def decoding_record(decoding: Decoding, system_prompt: str | None, **metadata: Any) -> dict[str, Any]:
+    """What DECODING_FILE holds, the same for SFT and PPO final/ and the pipeline's export: a task's decoding
+    settings (the ones its held-out checks use; the one source of max_new_tokens and stop) and system prompt,
+    plus `metadata` for people (task, stage, base_model), which serving ignores."""
+    return {"temperature": decoding.temperature, "top_p": decoding.top_p, "top_k": decoding.top_k,
+            "max_new_tokens": decoding.max_new_tokens, "stop": list(decoding.stop), "system_prompt": system_prompt,
+            **metadata}
+
+
 class TaskOptions(BaseModel):
     """Base of a task's options: unknown keys are errors."""
 

@@ -181,72 +181,123 @@ def load_shards(runtime: Runtime, path: Path, root: nn.Module, optimizer: torch.
         fsdp.load_sharded(root, optimizer, path / SHARDED)
 
 
-class RunCheckpointer:
-    """Save / resume of an SFT or reward-model run (see the module docstring for the layout)."""
+class Checkpointer:
+    """Save / resume of one run, the part every trainer shares: the weights and optimizer state as shards
+    (checkpoint.sharded, or DeepSpeed), as the full states gathered from FSDP2, or as one process holds them;
+    then the scheduler, every process's RNG streams and trainer_state.json, and the same-run checks on resume.
+    A subclass says which weights it holds (`write_weights`, `load_weights`, `gather_weights`, `full_weights`)
+    and what else its trainer_state.json records (`extra_state`, `load_extra_state`)."""
 
-    def __init__(self, runtime: Runtime, config: Any, model: nn.Module, optim: Optimization, data_fp: str):
-        self.runtime, self.cfg, self.model, self.optim, self.data_fp = runtime, config, model, optim, data_fp
+    def __init__(self, runtime: Runtime, config: Any, optim: Optimization, data_fp: str):
+        self.runtime, self.cfg, self.optim, self.data_fp = runtime, config, optim, data_fp
         self.manager = CheckpointManager(config.output_dir, keep=config.checkpoint.keep)
+
+    def fsdp_root(self) -> nn.Module:
+        """The FSDP2-sharded module the optimizer's state is named from."""
+        return self.optim.model
+
+    def gather_weights(self) -> dict[str, torch.Tensor]:
+        """Under FSDP2: the full weights on the main process ({} on the others); a collective."""
+        raise NotImplementedError
+
+    def write_weights(self, out: Path, state: dict[str, torch.Tensor] | None) -> None:
+        """Write the weight files into checkpoint directory `out`: from `state` (gather_weights' result), or
+        from the live model when None."""
+        raise NotImplementedError
+
+    def load_weights(self, path: Path) -> None:
+        """Load checkpoint `path`'s weight files into the live (unsharded) model."""
+        raise NotImplementedError
+
+    def full_weights(self, path: Path) -> dict[str, torch.Tensor]:
+        """Checkpoint `path`'s weight files named from `fsdp_root`, for fsdp.load_full_state."""
+        raise NotImplementedError
+
+    def extra_state(self, step: int) -> dict[str, Any]:
+        """What trainer_state.json holds besides the step, optimizer counters, world size and fingerprints."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `extra_state` wrote."""
 
     def _write(self, step: int, out: Path, rng_states: list | None = None, full: tuple | None = None,
                sharded: bool = False) -> None:
         # sharded: the weights and optimizer state are already in out/sharded
         if full is not None:  # FSDP2: the full states every process gathered (same files as one process writes)
-            save_file(full[0], str(out / "trainable.safetensors"))
+            self.write_weights(out, full[0])
             save_state(full[1], out / "optimizer", kind="optimizer")
         elif not sharded:
-            save_file(trainable_state(self.model), str(out / "trainable.safetensors"))
+            self.write_weights(out, None)
             save_optimizer_state(self.optim.optimizer, out / "optimizer")
         save_scheduler_state(self.optim.scheduler, out / "scheduler")
         save_rng_state(out / "rng", rng_states)
         save_json(out / "trainer_state.json", {
-            "step": step, "optimization": self.optim.state_dict(), "world_size": self.runtime.world_size,
-            "config": config_fingerprint(self.cfg), "data": self.data_fp,
+            "step": step, **self.extra_state(step), "optimization": self.optim.state_dict(),
+            "world_size": self.runtime.world_size, "config": config_fingerprint(self.cfg), "data": self.data_fp,
         })
 
     def save(self, step: int) -> Path | None:
         """Main process writes checkpoint-`step`; every process waits for it."""
-        path = None
-        rng_states = self.runtime.gather_object(get_rng_state())  # every rank's streams, written by the main one
-        if writes_shards(self.runtime, self.cfg.checkpoint.sharded):
-            return save_with_shards(self.runtime, self.manager, step, self.optim.model, self.optim.optimizer,
+        rt, path = self.runtime, None
+        rng_states = rt.gather_object(get_rng_state())  # every rank's streams, written by the main one
+        if writes_shards(rt, self.cfg.checkpoint.sharded):  # (self.optim.model: the engine under DeepSpeed)
+            return save_with_shards(rt, self.manager, step, self.optim.model, self.optim.optimizer,
                                     lambda out: self._write(step, out, rng_states, sharded=True))
-        # the optimizer's state is named from the FSDP root (self.optim.model), the weights from self.model
-        full = ((fsdp.full_trainable_state(self.model), fsdp.full_optimizer_state(self.optim.model,
-                                                                                   self.optim.optimizer))
-                if self.runtime.fsdp else None)
-        if self.runtime.is_main:
+        full = ((self.gather_weights(), fsdp.full_optimizer_state(self.fsdp_root(), self.optim.optimizer))
+                if rt.fsdp else None)
+        if rt.is_main:
             path = self.manager.save(step, lambda out: self._write(step, out, rng_states, full))
-        self.runtime.wait()
+        rt.wait()
         return path
 
     def maybe_resume(self) -> int:
         """Load the latest valid checkpoint; returns the step to continue from (0 when none)."""
-        log = print if self.runtime.is_main else (lambda _msg: None)
+        rt = self.runtime
+        log = print if rt.is_main else (lambda _msg: None)
         path = self.manager.latest_valid(log=log)
         if path is None:
             return 0
         state = load_json(path / "trainer_state.json")
-        self._check_same_run(state, path)
+        check_same_run(state, path, config=self.cfg, data_fp=self.data_fp, world_size=rt.world_size,
+                       allow_changed=self.cfg.allow_changed_resume, is_main=rt.is_main)
         if (path / SHARDED).is_dir():
-            load_shards(self.runtime, path, self.optim.model, self.optim.optimizer)
-        elif self.runtime.fsdp:
-            root = self.optim.model
-            prefix = next(f"{n}." if n else "" for n, m in root.named_modules() if m is self.model)
-            weights = {prefix + k: v for k, v in load_file(str(path / "trainable.safetensors")).items()}
-            fsdp.load_full_state(root, self.optim.optimizer, weights, load_state(path / "optimizer", kind="optimizer"))
+            load_shards(rt, path, self.optim.model, self.optim.optimizer)
+        elif rt.fsdp:
+            fsdp.load_full_state(self.fsdp_root(), self.optim.optimizer, self.full_weights(path),
+                                 load_state(path / "optimizer", kind="optimizer"))
         else:
-            load_trainable_state(self.model, load_file(str(path / "trainable.safetensors")), path)
+            self.load_weights(path)
             load_optimizer_state(self.optim.optimizer, path / "optimizer")
         load_scheduler_state(self.optim.scheduler, path / "scheduler")
-        load_rng_state(path / "rng", self.runtime.rank)
+        load_rng_state(path / "rng", rt.rank)
+        self.load_extra_state(state)
         self.optim.load_state_dict(state["optimization"])
         log(f"resumed from {path.name} (step {state['step']})")
         return int(state["step"])
 
-    def _check_same_run(self, state: dict, path: Path) -> None:
-        check_same_run(state, path, config=self.cfg, data_fp=self.data_fp, world_size=self.runtime.world_size,
-                       allow_changed=self.cfg.allow_changed_resume, is_main=self.runtime.is_main)
+
+class RunCheckpointer(Checkpointer):
+    """Save / resume of an SFT or reward-model run: the trainable parameters of `model` (see the module
+    docstring for the layout)."""
+
+    def __init__(self, runtime: Runtime, config: Any, model: nn.Module, optim: Optimization, data_fp: str):
+        super().__init__(runtime, config, optim, data_fp)
+        self.model = model
+
+    def gather_weights(self) -> dict[str, torch.Tensor]:
+        return fsdp.full_trainable_state(self.model)
+
+    def write_weights(self, out: Path, state: dict[str, torch.Tensor] | None) -> None:
+        save_file(trainable_state(self.model) if state is None else state, str(out / "trainable.safetensors"))
+
+    def load_weights(self, path: Path) -> None:
+        load_trainable_state(self.model, load_file(str(path / "trainable.safetensors")), path)
+
+    def full_weights(self, path: Path) -> dict[str, torch.Tensor]:
+        # the optimizer's state is named from the FSDP root (self.optim.model), the weights from self.model
+        root = self.fsdp_root()
+        prefix = next(f"{n}." if n else "" for n, m in root.named_modules() if m is self.model)
+        return {prefix + k: v for k, v in load_file(str(path / "trainable.safetensors")).items()}
 
 
 def export_model(

@@ -35,6 +35,7 @@ from ppolm.models.policy import autocast_ctx, token_logprobs
 from ppolm.rollout import position_ids_from_mask
 from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.tasks import Example, Task, build_task
+from ppolm.tasks.base import DECODING_FILE, decoding_record
 from ppolm.trainers.common import (
     RunCheckpointer, export_model, make_optimization, prepare_model, split_held_out, total_steps, train_loop,
 )
@@ -340,12 +341,9 @@ class SFTTrainer:
         out = None
         state = self.runtime.full_state_dict(self.scorer.lm)  # a collective under FSDP2 / ZeRO-3
         if self.runtime.is_main:
-            d = self.task.decoding
-            decoding = {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
-                        "max_new_tokens": d.max_new_tokens, "stop": list(d.stop),
-                        "system_prompt": self.task.system_prompt, "task": self.task_name}
+            decoding = decoding_record(self.task.decoding, self.task.system_prompt, task=self.task_name)
             out = export_model(self.scorer.lm, self.tokenizer, Path(self.cfg.output_dir) / name,
-                               {"ppolm_decoding.json": decoding}, state_dict=state)
+                               {DECODING_FILE: decoding}, state_dict=state)
         self.runtime.wait()
         return out
 
