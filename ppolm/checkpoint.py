@@ -156,6 +156,20 @@ class CheckpointManager:
         self._prune(keep_also=final)
         return final
 
+    def rewind(self, step: int) -> None:
+        """Delete every checkpoint after ``step`` and point ``LATEST`` at the newest one left (no ``LATEST``
+        when none is left), so that a resume continues from there. After a guard stop: the checkpoints past the
+        best held-out check are on the way to the failure the guard caught."""
+        for s, path in self.list_complete():
+            if s > step:
+                _remove_tree(path)
+        left = self.list_complete()
+        if left:
+            atomic_write_bytes(self.latest_file, (left[0][1].name + "\n").encode("utf-8"))
+        else:
+            self.latest_file.unlink(missing_ok=True)
+        fsync_dir(self.run_dir)
+
     def staging_dir(self, step: int) -> Path:
         """Where every process of a sharded save writes its shards before the main process moves them into the
         checkpoint inside :meth:`save`; a ``.tmp-*`` name, so a crash before that leaves a stale temp dir."""

@@ -116,7 +116,11 @@ class EvalConfig(Section):
 
 class GuardConfig(Section):
     max_drop: float | None = Field(None, ge=0.0)
-    """Stop when the held-out metric falls more than this below its best so far (null = off)."""
+    """Stop when the held-out metric falls more than this below its best so far, and by more than `z` standard
+    errors of the difference (null = off)."""
+    z: float = Field(2.0, ge=0.0)
+    """How many standard errors of the difference (sqrt(se_best^2 + se_now^2)) a drop must also exceed before
+    max_drop stops the run: a dip within the noise of the check is not acted on (0 = the plain comparison)."""
     collapse_share: float | None = Field(None, gt=0.0, le=1.0)
     """Stop when one predicted label takes more than this share of the held-out predictions while no gold
     label does (classification; null = off)."""

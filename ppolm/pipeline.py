@@ -1,9 +1,14 @@
 """`ppolm run PIPELINE.yaml`: the whole flow of the seed.
 
-    preprocess -> load model -> evaluate base -> SFT and/or PPO (each evaluated on the same held-out split)
-    -> if the target metric is below the bar: adjust by the declared policy (retry PPO with a lower learning
-       rate / larger KL coefficient, at most N times) and roll back to the best candidate
-    -> export the chosen model (tokenizer, chat template, decoding settings) -> report.html / report.md
+    preprocess -> load model -> validate base -> SFT and/or PPO (each validated on the same validation rows)
+    -> if the target metric is clearly below the bar: adjust by the declared policy (retry PPO with a lower
+       learning rate / larger KL coefficient, at most N times)
+    -> choose on validation: the best candidate, kept only when clearly better than the base model
+    -> export the chosen model (tokenizer, chat template, decoding settings)
+    -> test: every candidate on the test split and each extra set, read once, for the report.html / report.md
+
+Every decision (retry, choice) reads the validation rows, taken out of the training split, and compares
+numbers only beyond their noise (``ppolm.eval.intervals``); the test split cannot change what is exported.
 """
 
 from __future__ import annotations
@@ -11,14 +16,15 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from ppolm.config import ConfigError, PPORunConfig, Section, TaskConfig, save_config
+from ppolm.config import PPORunConfig, Section, TaskConfig, save_config
 from ppolm.tasks import Example, Task, build_task
+from ppolm.candidates import _say, Candidate, Evaluator, checkpoint_note, choose, clearly_missed, stage_model
+from ppolm.eval.intervals import Z_95
 from ppolm.eval.run import spread
 from ppolm.trainers.common import split_held_out
 
@@ -47,9 +53,23 @@ class TargetConfig(Section):
     metric: str = "accuracy"
     """Task metric that decides whether the result is good enough (a key of the task's metrics)."""
     min: float | None = None
-    """The bar: below it the adjust policy runs (null = never adjust)."""
-    higher_is_better: bool = True
-    """False for metrics like TER where lower is better."""
+    """The bar: when the validation value is clearly below it (beyond `z` standard errors), the adjust policy
+    runs (null = never adjust)."""
+    higher_is_better: bool | None = None
+    """False for metrics like TER where lower is better (null = from the metric's name:
+    ppolm.eval.intervals.LOWER_IS_BETTER)."""
+    z: float = Field(2.0, ge=0.0)
+    """A trained candidate replaces the base model as the export only when its validation value is better by
+    more than z standard errors of the difference; a retry runs only when the value is below `min` by more than
+    z standard errors (0 = plain comparisons)."""
+
+    @model_validator(mode="after")
+    def _direction(self) -> "TargetConfig":
+        if self.higher_is_better is None:
+            from ppolm.eval.intervals import higher_is_better
+
+            self.higher_is_better = higher_is_better(self.metric)
+        return self
 
 
 class AdjustConfig(Section):
@@ -71,11 +91,13 @@ class EvalStageConfig(Section):
     extra: dict[str, str | list[str]] = Field(default_factory=dict)
     """More test sets by name, e.g. a domain the training never sees: every candidate is evaluated on each
     (at most `limit` examples, spread over the file)."""
-    validation: int = Field(64, ge=0)
-    """Rows taken out of the training split for the stages' own checks during training (their eval.every,
-    best checkpoint and guards), so the test split stays unseen until the end (0 = none)."""
+    validation: int = Field(200, ge=0)
+    """Rows taken out of the training split for every decision: the stages' own checks during training (their
+    eval.every, best checkpoint and guards) and the pipeline's retry and choice of the export, so the test
+    split stays unseen until the end (0 = none: then no decision can be taken, and the last stage is exported)."""
     use_best: bool = True
-    """Evaluate and export a stage's best/ model (chosen on the validation rows) when it kept one, else final/."""
+    """Hand on a stage's best/ model (its best validation check) instead of final/ when final/'s last check
+    is clearly below it (beyond target.z standard errors); within the noise the trained-longer final/ is kept."""
 
 
 class PipelineConfig(Section):
@@ -164,24 +186,6 @@ class SplitTask(Task):
         return self.base.row_fields(examples)
 
 
-@dataclass
-class Candidate:
-    """One evaluated model: where it is, its metrics on the test split (and on each extra set), how long its
-    training took, its predictions, and what its guard did."""
-
-    name: str
-    model_dir: str
-    metrics: dict[str, Any]
-    train_seconds: float
-    eval_seconds: float
-    predictions: list[dict] = field(default_factory=list)
-    run_dir: str | None = None
-    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
-    guard: str | None = None
-    checkpoint: str | None = None  # which of the stage's checkpoints was evaluated, e.g. "best/ = step 16 of 16"
-    train_peak_mb: float | None = None  # peak resident memory of the process during the training stage
-
-
 def _train(fn, *args, **kwargs) -> tuple[float, float]:
     """Run one training stage; its wall seconds and the process's peak resident memory (MB) while it ran."""
     from ppolm.runtime import peak_rss_mb, reset_peak_rss
@@ -190,94 +194,6 @@ def _train(fn, *args, **kwargs) -> tuple[float, float]:
     t0 = time.perf_counter()
     fn(*args, **kwargs)
     return time.perf_counter() - t0, peak_rss_mb()
-
-
-def _say(msg: str) -> None:
-    print(f"[ppolm run] {msg}", flush=True)
-
-
-def evaluate_model(cfg: PipelineConfig, task: Task, model_dir: str, sets: dict[str, list[Example]],
-                   reference: str | None) -> dict[str, tuple[dict, list[dict], float]]:
-    """Evaluate one model (loaded once) on each named set of examples; writes eval-<name>/metrics.json and
-    predictions.jsonl per set. Returns {name: (metrics, predictions, seconds)}."""
-    import torch
-
-    from ppolm.eval.run import evaluate
-    from ppolm.models import load_model, load_tokenizer
-    from ppolm.runtime import autocast_dtype
-
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    ref = load_model(reference) if reference and getattr(task, "needs_reference_scores", False) else None
-    amp = autocast_dtype(cfg.precision, torch.device("cpu"))
-    results = {}
-    for name, examples in sets.items():
-        t0 = time.perf_counter()
-        result = evaluate(task, model, tok, examples, batch_size=cfg.eval.batch_size, autocast=amp,
-                          reference_model=ref, seed=cfg.seed, progress=True)
-        out = Path(cfg.output_dir) / f"eval-{name}"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2, default=str))
-        with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
-            for p in result.predictions:
-                f.write(json.dumps(p, ensure_ascii=False, default=str) + "\n")
-        results[name] = (result.metrics, result.predictions, time.perf_counter() - t0)
-    return results
-
-
-def _score(c: Candidate, target: TargetConfig) -> float:
-    v = c.metrics.get(target.metric)
-    if not isinstance(v, (int, float)):
-        raise ConfigError(f"target.metric '{target.metric}' is not a metric of this task "
-                          f"(have: {', '.join(k for k, x in c.metrics.items() if isinstance(x, (int, float)))})")
-    return float(v) if target.higher_is_better else -float(v)
-
-
-def _meets(c: Candidate, target: TargetConfig) -> bool:
-    return target.min is None or _score(c, target) >= (target.min if target.higher_is_better else -target.min)
-
-
-class Evaluator:
-    """Evaluates every candidate on the test split and on each extra set, the same way."""
-
-    def __init__(self, cfg: PipelineConfig, task: Task, test: list[Example], extra: dict[str, list[Example]]):
-        self.cfg, self.task, self.test, self.extra = cfg, task, test, extra
-
-    def __call__(self, name: str, model_dir: str, reference: str | None, train_seconds: float,
-                 run_dir: str | None = None) -> Candidate:
-        sets = {name: self.test, **{f"{name}-{k}": v for k, v in self.extra.items()}}
-        results = evaluate_model(self.cfg, self.task, model_dir, sets, reference)
-        m, preds, secs = results.pop(name)
-        c = Candidate(name, model_dir, m, train_seconds, secs, preds, run_dir)
-        for set_name in self.extra:
-            c.extra[set_name] = results[f"{name}-{set_name}"][0]
-        c.eval_seconds += sum(r[2] for r in results.values())
-        metric = self.cfg.target.metric
-        more = "".join(f", {k} {_fmt(v.get(metric))}" for k, v in c.extra.items())
-        took = f" ({train_seconds:.0f} s training)" if run_dir else ""
-        _say(f"   {name}: {metric} {_fmt(m.get(metric))} on the test split{more}{took}")
-        return c
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def stage_model(cfg: PipelineConfig, run_dir: Path) -> str:
-    """The model a stage hands on: best/ (chosen on the validation rows) when kept and wanted, else final/."""
-    best = run_dir / "best"
-    return str(best if cfg.eval.use_best and (best / "config.json").is_file() else run_dir / "final")
-
-
-def checkpoint_note(model_dir: str, run_dir: Path, total_steps: int) -> str:
-    """Which checkpoint of a stage was evaluated (`model_dir`, from `stage_model`): best/ with its step and
-    validation value, or final/. A best at step 0 means no check during training beat the starting model, so
-    the stage hands on the start."""
-    best = run_dir / "best.json"
-    if Path(model_dir) != run_dir / "best" or not best.is_file():
-        return "final/"
-    b = json.loads(best.read_text(encoding="utf-8"))
-    start = ": no check beat the starting model" if b["step"] == 0 else ""
-    return f"best/ = step {b['step']} of {total_steps} (validation {b['metric']} {b['value']:.4f}){start}"
 
 
 def drop_checkpoints(cfg: PipelineConfig, run_dir: Path) -> None:
@@ -289,7 +205,7 @@ def drop_checkpoints(cfg: PipelineConfig, run_dir: Path) -> None:
 
 
 def finish_stage(cfg: PipelineConfig, c: Candidate, run_dir: Path, total_steps: int):
-    """After a training stage is evaluated: its guard outcome and the checkpoint it handed on go into `c` (and
+    """After a training stage is validated: its guard outcome and the checkpoint it handed on go into `c` (and
     one console line), and its resumable checkpoints are dropped. Returns the guard trip, if any."""
     from ppolm.trainers.watch import read_trip
 
@@ -302,7 +218,7 @@ def finish_stage(cfg: PipelineConfig, c: Candidate, run_dir: Path, total_steps: 
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run the whole flow; returns the headline numbers."""
+    """Run the whole flow; returns the headline numbers (test split)."""
     from ppolm.models import load_model
     from ppolm.trainers.ppo import train_ppo
     from ppolm.trainers.sft import train_sft
@@ -313,7 +229,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     save_config(cfg, out)
     task = build_task(cfg.task.name, cfg.task.options)
 
-    _say(f"1/6 preprocess: task {cfg.task.name}, data {cfg.task.data or '(shipped demo set)'}")
+    _say(f"1/7 preprocess: task {cfg.task.name}, data {cfg.task.data or '(shipped demo set)'}")
     if cfg.task.eval_data:
         train, held = task.load_all(cfg.task.data), task.load_all(cfg.task.eval_data)
     else:
@@ -326,23 +242,33 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     extra = {k: spread(task.load_all(v), cfg.eval.limit) for k, v in cfg.eval.extra.items()}
     sets = "".join(f", {len(v)} in {k}" for k, v in extra.items())
     _say(f"   {len(train)} training, {len(val)} validation and {len(held)} test examples{sets}")
+    if not val:
+        _say("   no validation rows: no retry or choice can be made, the last stage is exported")
     train_task = SplitTask(task, train)
 
-    _say(f"2/6 load model {cfg.model}")
+    _say(f"2/7 load model {cfg.model}")
     load_model(cfg.model)  # converts the embedded GGUF once, before any timing starts
     base_dir = cfg.model
-    evaluator = Evaluator(cfg, task, held, extra)
+    evaluator = Evaluator(cfg, task, val, held, extra)
 
-    _say("3/6 evaluate the base model")
-    candidates: list[Candidate] = [evaluator("base", base_dir, None, 0.0)]
+    candidates: list[Candidate] = [Candidate("base", base_dir, {}, 0.0, 0.0)]  # validated after the first stage
+    references = {"base": None}  # the model each candidate's KL / perplexity is measured against
+
+    def validate_base(run_dir: Path | None) -> None:
+        """The base model's validation: the step-0 check of the first stage trained from it, else measured."""
+        if not candidates[0].validation:
+            _say("3/7 validate the base model")
+            candidates[0] = evaluator.validate("base", base_dir, None, 0.0, None if run_dir is None else str(run_dir),
+                                               step=0)
 
     starts = {"base": base_dir}
     if cfg.stages.sft:
-        _say("4/6 SFT (direct supervised training)")
+        _say("4/7 SFT (direct supervised training)")
         scfg = stage_config(cfg, "sft", cfg.sft, out / "sft", base_dir)
         secs, peak = _train(train_sft, scfg, task=train_task, eval_examples=val or None)
-        c = evaluator("sft", stage_model(cfg, out / "sft"), base_dir, secs, str(out / "sft"))
-        c.train_peak_mb = peak
+        validate_base(out / "sft")
+        c = evaluator.validate("sft", stage_model(cfg, out / "sft"), base_dir, secs, str(out / "sft"))
+        c.train_peak_mb, references["sft"] = peak, base_dir
         finish_stage(cfg, c, out / "sft", scfg.max_steps)
         candidates.append(c)
         starts["sft"] = c.model_dir
@@ -352,16 +278,18 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         prefix = "ppo" if origin == "base" else "sft-ppo"
         for attempt in range(cfg.adjust.max_retries + 1):
             name = prefix if attempt == 0 else f"{prefix}-retry{attempt}"
-            _say(f"5/6 PPO ({name}) from {'the SFT model' if origin == 'sft' else base_dir}")
+            _say(f"5/7 PPO ({name}) from {'the SFT model' if origin == 'sft' else base_dir}")
             pcfg = stage_config(cfg, "ppo", ppo_extra, out / name, start_dir)
             secs, peak = _train(train_ppo, pcfg, task=train_task, eval_examples=val or None)
-            c = evaluator(name, stage_model(cfg, out / name), start_dir, secs, str(out / name))
-            c.train_peak_mb = peak
+            validate_base(out / name if origin == "base" else None)
+            c = evaluator.validate(name, stage_model(cfg, out / name), start_dir, secs, str(out / name))
+            c.train_peak_mb, references[name] = peak, start_dir
             trip = finish_stage(cfg, c, out / name, pcfg.max_steps)
             candidates.append(c)
             if c.guard:
                 _say(f"   {c.guard}")
-            if _meets(c, cfg.target) and trip is None:
+            missed = bool(c.validation) and clearly_missed(c, cfg.target)
+            if not missed and trip is None:
                 break
             if attempt < cfg.adjust.max_retries:
                 # the declared adjust policy: a smaller step and a tighter leash on the reference
@@ -369,19 +297,24 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
                 kl = max(pcfg.kl.coef, 1e-3) * cfg.adjust.kl_factor
                 ppo_extra = {**ppo_extra, "optim": {**ppo_extra.get("optim", {}), "lr": lr},
                              "kl": {**ppo_extra.get("kl", {}), "coef": kl}}
-                why = "its guard stopped it" if trip else f"below the bar {cfg.target.min}"
+                why = "its guard stopped it" if trip else f"clearly below the bar {cfg.target.min} on validation"
                 _say(f"   {why}: retrying PPO with optim.lr={lr:.3g}, kl.coef={kl:.3g}")
 
-    chosen = (max(candidates, key=lambda c: _score(c, cfg.target)) if cfg.adjust.rollback == "best"
-              else candidates[-1])
-    _say(f"6/6 export {chosen.name} -> {out / 'export'}")
+    validate_base(None)  # no stage trained from the base model
+    chosen = choose(candidates, cfg.target, cfg.adjust.rollback)
+    _say(f"6/7 export {chosen.name} (chosen on validation) -> {out / 'export'}")
     export_dir = export_candidate(chosen, task, out / "export", cfg.model)
+    _say("7/7 test every candidate (the test split and each extra set, read once, after the choice)")
+    for c in candidates:
+        evaluator.test(c, references[c.name])
     summary = {
-        "chosen": chosen.name, "export_dir": str(export_dir), "target_metric": cfg.target.metric,
-        "target_min": cfg.target.min, "wall_seconds": time.perf_counter() - t_start,
+        "chosen": chosen.name, "chosen_on": "validation" if val else "last stage", "export_dir": str(export_dir),
+        "target_metric": cfg.target.metric, "target_min": cfg.target.min,
+        "wall_seconds": time.perf_counter() - t_start,
         "split": {"train": len(train), "validation": len(val), "test": len(held),
                   **{k: len(v) for k, v in extra.items()}},
-        "stages": {c.name: {"metrics": _scalars(c.metrics), "train_seconds": c.train_seconds,
+        "stages": {c.name: {"metrics": _scalars(c.metrics), "validation": _scalars(c.validation),
+                            "train_seconds": c.train_seconds,
                             "train_peak_rss_mb": c.train_peak_mb, "eval_seconds": c.eval_seconds,
                             "model_dir": c.model_dir, "guard": c.guard,
                             "checkpoint": c.checkpoint,
@@ -427,19 +360,25 @@ def export_candidate(chosen: Candidate, task: Task, dest: Path, base: str) -> Pa
 def _print_headline(cfg: PipelineConfig, candidates: list[Candidate], chosen: Candidate, summary: dict) -> None:
     metric = cfg.target.metric
     sets = list(candidates[0].extra)
-    print(f"\n== ppolm run: {metric} on the test split{''.join(', ' + k for k in sets)} ==")
-    print(f"{'stage':16s} {'test':>8s}" + "".join(f" {k[:14]:>14s}" for k in sets) + f" {'train s':>8s} {'peak MB':>8s}")
+
+    def cell(m: dict) -> str:  # value ± half-width of its 95% interval
+        v, se = m.get(metric), m.get(f"{metric}_se")
+        return "-" if not isinstance(v, (int, float)) else f"{v:.3f}" + ("" if se is None else f"±{Z_95 * se:.3f}")
+
+    print(f"\n== ppolm run: {metric} (± 95% interval) on validation (the choice), the test split"
+          f"{''.join(', ' + k for k in sets)} ==")
+    print(f"{'stage':16s} {'validation':>12s} {'test':>12s}" + "".join(f" {k[:14]:>14s}" for k in sets)
+          + f" {'train s':>8s} {'peak MB':>8s}")
     for c in candidates:
-        cells = [c.metrics.get(metric), *[c.extra.get(k, {}).get(metric) for k in sets]]
-        text = [round(v, 4) if isinstance(v, float) else v for v in cells]
-        print(f"{c.name:16s} {text[0]!s:>8s}" + "".join(f" {v!s:>14s}" for v in text[1:])
+        print(f"{c.name:16s} {cell(c.validation):>12s} {cell(c.metrics):>12s}"
+              + "".join(f" {cell(c.extra.get(k, {})):>14s}" for k in sets)
               + f" {c.train_seconds:8.0f} {'-' if c.train_peak_mb is None else f'{c.train_peak_mb:.0f}':>8s}"
               + ("  (guard stopped it)" if c.guard else ""))
     from ppolm.eval.report import comparisons
 
     for line in comparisons(candidates, metric, cfg.target.higher_is_better):
         print(line)
-    print(f"chosen: {chosen.name}; exported to {summary['export_dir']}")
+    print(f"chosen on {summary['chosen_on']}: {chosen.name}; exported to {summary['export_dir']}")
     if "report" in summary:
         print(f"report: {summary['report']}")
     print(f"total wall time: {summary['wall_seconds']:.0f} s")

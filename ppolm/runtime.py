@@ -90,6 +90,10 @@ class Runtime:
 
         return gather_object([obj])
 
+    def from_main(self, obj):
+        """The main process's `obj` on every process (a small picklable value; identity on one process)."""
+        return self.gather_object(obj)[0] if self.distributed else obj
+
     def shard(self, model: nn.Module | None) -> nn.Module | None:
         """FSDP2-shard `model` in place when the launch asked for FSDP (before its optimizer is built)."""
         return fsdp.shard(model) if self.fsdp and model is not None else model
@@ -149,6 +153,12 @@ def refuse_fp16(mixed_precision: str) -> None:
     if mixed_precision == "fp16":
         raise ConfigError("accelerate mixed_precision 'fp16' is not supported (loss scaling would defeat the "
                           "gradient checks and clipping); use bf16 (`--mixed_precision bf16` or precision=bf16)")
+
+
+def local_device() -> torch.device:
+    """The device a single-process job (the pipeline's evaluations, `ppolm eval`) runs on: the GPU where one
+    is visible, as `Runtime` chooses, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -78,11 +78,31 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def exchange_paths(a: str | Path, b: str | Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where the call is not
+    available (another OS, an old kernel or C library, a file system without it): nothing was changed then."""
+    import ctypes
+    import errno
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextlib.contextmanager
 def atomic_directory(dest: str | Path) -> Iterator[Path]:
     """Write a whole directory atomically: the body fills the yielded temp directory (next to `dest`), then it
-    is fsynced and renamed over `dest`. A crash leaves either the old `dest` or the new one, never a mix;
-    the temp directory of a failed write is removed."""
+    is fsynced and swapped with `dest` in one atomic rename (``exchange_paths``). A crash leaves either the old
+    `dest` or the new one, never a mix and never none (where renameat2 is missing, two renames: a crash between
+    them leaves no `dest`); the temp directory of a failed write is removed."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
@@ -96,9 +116,12 @@ def atomic_directory(dest: str | Path) -> Iterator[Path]:
                 with open(Path(dirpath) / name, "rb") as f:
                     os.fsync(f.fileno())
             fsync_dir(dirpath)
-        if dest.exists():
-            os.replace(dest, old)  # a directory cannot be renamed over a non-empty one: move it aside first
-        os.replace(tmp, dest)
+        if not dest.exists():
+            os.replace(tmp, dest)
+        elif not exchange_paths(tmp, dest):  # a swap leaves the old tree in tmp (removed below)
+            # no renameat2 here: a directory cannot be renamed over a non-empty one, so move it aside first
+            os.replace(dest, old)
+            os.replace(tmp, dest)
         fsync_dir(dest.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -282,3 +282,39 @@ def test_peak_rss_restarts_from_the_reset():
     small = np.ones(100 * 2**20 // 8)
     assert peak_rss_mb() - after > 80
     del small
+
+
+def test_atomic_directory_swaps_in_one_step_so_a_crash_never_leaves_no_directory(tmp_path, monkeypatch):
+    """A guard's rollback replaces final/ through atomic_directory: a crash right before or right after the
+    swap leaves a whole final/ (the old one or the new one), never none."""
+    import ppolm.state_io as sio
+
+    dest = tmp_path / "final"
+    with sio.atomic_directory(dest) as tmp:
+        (tmp / "weights").write_text("old")
+
+    class Crash(BaseException):
+        pass
+
+    def crash(*a, **k):
+        raise Crash
+
+    with monkeypatch.context() as m:  # the process dies just before the swap
+        m.setattr(sio, "exchange_paths", crash)
+        with pytest.raises(Crash):
+            with sio.atomic_directory(dest) as tmp:
+                (tmp / "weights").write_text("new")
+    assert (dest / "weights").read_text() == "old"
+    real_exchange = sio.exchange_paths
+
+    def exchange_then_crash(a, b):  # the process dies right after the swap, before anything is cleaned up
+        assert real_exchange(a, b)
+        raise Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(sio, "exchange_paths", exchange_then_crash)
+        with pytest.raises(Crash):
+            with sio.atomic_directory(dest) as tmp:
+                (tmp / "weights").write_text("new")
+    assert (dest / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # the old tree went with the temp dir

@@ -32,6 +32,7 @@ def _watch(tmp_path, guard=None, **eval_kw):
     from ppolm.tasks.toy import ToyTask
 
     exports = _Exports()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     w = Watch(EvalConfig(every=1, **eval_kw), guard or GuardConfig(), ToyTask(), [Example("p")], None, tmp_path,
               autocast=None, seed=0, is_main=True, export=exports, resumed=False)
     return w, exports
@@ -51,7 +52,8 @@ def test_best_is_kept_and_max_drop_stops(tmp_path):
     assert w.observe(3, {"eval/reward_mean": 0.65}) is None         # 0.05 below best: within max_drop
     trip = w.observe(4, {"eval/reward_mean": 0.55})                 # 0.15 below best
     assert exports.calls == ["best", "best"]
-    assert json.loads((tmp_path / "best.json").read_text()) == {"step": 2, "metric": "reward_mean", "value": 0.7}
+    assert json.loads((tmp_path / "best.json").read_text()) == {"step": 2, "metric": "reward_mean", "value": 0.7,
+                                                                "se": None}
     assert trip is not None and trip.step == 4 and trip.best_step == 2 and trip.rolled_back
     assert "0.1500 below its best 0.7000" in trip.reason
 
@@ -79,6 +81,54 @@ def test_start_is_the_first_best_and_is_never_guarded(tmp_path):
     assert trip is not None and trip.best_step == 0 and trip.rolled_back  # back to the starting weights
     off, calls = _watch(tmp_path / "off", at_start=False)
     assert off.start(model=None) is None and calls.calls == []
+
+
+def test_a_drop_within_the_noise_of_the_checks_does_not_stop(tmp_path):
+    # 64-row accuracies: se ~0.06 each, so a 0.109 drop is under two standard errors of the difference
+    w, _ = _watch(tmp_path, GuardConfig(max_drop=0.1), metric="accuracy")
+    assert w.observe(0, {"eval/accuracy": 0.703, "eval/accuracy_se": 0.057}) is None
+    assert w.observe(8, {"eval/accuracy": 0.594, "eval/accuracy_se": 0.061}) is None
+    # the same drop measured on many more rows is beyond the noise: it stops the run
+    w2, _ = _watch(tmp_path / "big", GuardConfig(max_drop=0.1), metric="accuracy")
+    w2.observe(0, {"eval/accuracy": 0.703, "eval/accuracy_se": 0.015})
+    trip = w2.observe(8, {"eval/accuracy": 0.594, "eval/accuracy_se": 0.016})
+    assert trip is not None and "beyond 2 standard errors" in trip.reason
+    # z = 0 is the plain comparison of the two numbers
+    w3, _ = _watch(tmp_path / "z0", GuardConfig(max_drop=0.1, z=0.0), metric="accuracy")
+    w3.observe(0, {"eval/accuracy": 0.703, "eval/accuracy_se": 0.057})
+    assert w3.observe(8, {"eval/accuracy": 0.594, "eval/accuracy_se": 0.061}) is not None
+
+
+def test_a_collapsed_check_never_becomes_the_best(tmp_path):
+    # 0.5 with every answer one label beats a weak start of 0.3: it must trip, not become best/
+    w, exports = _watch(tmp_path, GuardConfig(collapse_share=0.8), metric="accuracy")
+    balanced = {"eval/top_gold_share": 0.5}
+    w.observe(0, {**balanced, "eval/accuracy": 0.3, "eval/top_pred_share": 0.6}, guards=False)
+    trip = w.observe(8, {**balanced, "eval/accuracy": 0.5, "eval/top_pred_share": 1.0})
+    assert trip is not None and "one label takes 100%" in trip.reason
+    assert trip.best_step == 0 and w.best_value == 0.3 and exports.calls == ["best"]
+    assert json.loads((tmp_path / "best.json").read_text())["step"] == 0
+
+
+def test_every_process_decides_on_the_main_process_numbers(tmp_path):
+    # this process measured a collapse, the main one did not: the main one's numbers decide
+    main = {"eval/accuracy": 0.8, "eval/top_pred_share": 0.55, "eval/top_gold_share": 0.5}
+    w, _ = _watch(tmp_path, GuardConfig(collapse_share=0.8), metric="accuracy")
+    w.agree = lambda metrics: {**metrics, **main}
+    here = {"eval/accuracy": 0.5, "eval/top_pred_share": 0.95, "eval/top_gold_share": 0.5, "reward/mean": 1.0}
+    assert w.observe(3, here) is None
+    assert w.best_value == 0.8 and here["eval/top_pred_share"] == 0.55 and here["reward/mean"] == 1.0
+
+
+def test_a_resumed_run_drops_a_stale_guard_outcome(tmp_path):
+    (tmp_path / "guard.json").write_text("{}")
+    (tmp_path / "best.json").write_text(json.dumps({"step": 4, "metric": "reward_mean", "value": 0.5, "se": 0.1}))
+    from ppolm.tasks.toy import ToyTask
+
+    w = Watch(EvalConfig(every=1), GuardConfig(), ToyTask(), [Example("p")], None, tmp_path, autocast=None,
+              seed=0, is_main=True, export=_Exports(), resumed=True)
+    assert not (tmp_path / "guard.json").exists() and read_trip(tmp_path) is None
+    assert (w.best_step, w.best_value, w.best_se) == (4, 0.5, 0.1)
 
 
 def test_lower_is_better_metrics_and_no_rollback_without_best(tmp_path):
@@ -154,15 +204,30 @@ def test_guard_stops_a_collapsing_run_and_rolls_back_to_the_best_weights_exactly
     assert best["step"] == trip.best_step < trip.step
     final, kept = load_file(str(run / "final/model.safetensors")), load_file(str(run / "best/model.safetensors"))
     assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)
-    # the checkpoint written at the stop holds the last weights, which the rollback did not keep
-    last = load_file(str(run / f"checkpoint-{trip.step}/policy/model.safetensors"))
-    assert any(not torch.equal(final[k], last[k]) for k in final)
+    # no checkpoint of the stopped step: a resume must not continue from the failure the guard caught
+    assert not (run / f"checkpoint-{trip.step}").exists() and not (run / "LATEST").exists()
     # the same run stopped by max_steps at the best step has exactly the rolled-back weights
     cfg2 = load_config(PPORunConfig, ROOT / "configs/tiny.yaml",
                        [*common, f"output_dir={tmp_path / 'short'}", f"max_steps={trip.best_step}"])
     PPOTrainer(cfg2, task=TwoLabelTask(), eval_examples=held).train()
     short = load_file(str(tmp_path / "short/final/model.safetensors"))
     assert all(torch.equal(final[k], short[k]) for k in final)
+
+
+def test_a_stopped_run_resumes_from_the_last_checkpoint_before_its_best(tmp_path):
+    held = TwoLabelTask(n=16).load(None)
+    args = [*QUIET, "max_steps=24", "eval.every=4", "checkpoint.every=2", "checkpoint.keep=null",
+            "eval.at_start=false", f"output_dir={tmp_path}", "guard.collapse_share=0.7"]
+    PPOTrainer(load_config(PPORunConfig, ROOT / "configs/tiny.yaml", args), task=TwoLabelTask(),
+               eval_examples=held).train()
+    trip = read_trip(tmp_path)
+    assert trip is not None and trip.best_step is not None and trip.best_step < trip.step
+    left = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("checkpoint-*"))
+    assert left and max(left) <= trip.best_step  # every checkpoint past the best is gone
+    assert (tmp_path / "LATEST").read_text().strip() == f"checkpoint-{max(left)}"
+    resumed = PPOTrainer(load_config(PPORunConfig, ROOT / "configs/tiny.yaml", [*args, "resume=true"]),
+                         task=TwoLabelTask(), eval_examples=held)
+    assert resumed.start_step == max(left) and read_trip(tmp_path) is None  # the stale guard.json is gone
 
 
 def test_a_run_that_never_beats_its_start_rolls_back_to_the_starting_weights(tmp_path):

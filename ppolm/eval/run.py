@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ppolm.data.collate import apply_chat_template, left_pad_collate
+from ppolm.eval.intervals import mean_se, metric_se
 from ppolm.eval.labels import label_logprobs, label_probabilities
 from ppolm.models.policy import autocast_ctx, lm_logits_fp32, response_hidden
 from ppolm.rollout import generate
@@ -155,6 +156,7 @@ def evaluate(
     seed: int = 0,
     label_scores: bool = True,
     progress: bool = False,
+    se_metrics: Sequence[str] = (),
 ) -> EvalResult:
     """Generate a completion per example (chat template + ``task.system_prompt``) and compute metrics.
 
@@ -162,7 +164,8 @@ def evaluate(
     add n, eos_rate, response_tokens_mean, seconds (wall time of the whole evaluation) and
     generation_seconds (the decoding part, KL / perplexity included; the rest is label scoring and metrics).
     ``label_scores=False`` skips the label-word probabilities (no ROC-AUC): evaluations during training only
-    need the decoded answers.
+    need the decoded answers. ``se_metrics``: metrics whose standard error is added as ``<metric>_se``
+    (``ppolm.eval.intervals.metric_se``: binomial for accuracy, bootstrap otherwise).
     """
     if not examples:
         raise ValueError("evaluate needs at least one example")
@@ -189,6 +192,14 @@ def evaluate(
         extra.update(kls=gen.kls, ref_nll=gen.ref_nll, ref_tokens=gen.ref_tokens, rewards=rewards)
     metrics = dict(task.metrics(examples, completions, **extra))
     metrics.setdefault("reward_mean", sum(rewards) / n)
+    for name in se_metrics:
+        value = metrics.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # reward_mean is the mean of the per-row rewards: its se is theirs, no resampling needed
+            se = (mean_se(rewards) if name == "reward_mean" else
+                  metric_se(task, examples, completions, name, float(value), extra, seed=seed))
+            if se is not None:
+                metrics[f"{name}_se"] = se
     metrics.update(n=n, eos_rate=sum(gen.ended) / n, response_tokens_mean=sum(gen.lengths) / n,
                    seconds=time.perf_counter() - t0, generation_seconds=t_gen)
     scores_fn = getattr(task, "example_scores", None)

@@ -403,7 +403,13 @@ def train_loop(t: LoopTrainer, desc: str, headline: tuple[str, ...], watch: Watc
                 if trip is not None:
                     break
                 save_or_stop(t.checkpointer.save, stop, t.runtime, cfg.checkpoint.every, done, t.total_steps)
-            if t.start_step < t.total_steps:
+            if trip is not None:
+                # No checkpoint of the failure: a resume continues from the newest checkpoint at or before
+                # the best check (or from the start), not from the step the guard caught.
+                if t.runtime.is_main and trip.best_step is not None:
+                    t.checkpointer.manager.rewind(trip.best_step)
+                t.runtime.wait()
+            elif t.start_step < t.total_steps:
                 t.checkpointer.save(done)
             else:  # resumed a finished run: nothing to train, but report where it stands
                 last = t.evaluate()

@@ -264,7 +264,8 @@ class SFTTrainer:
         self.start_step = self.checkpointer.maybe_resume() if cfg.resume else 0
         self.watch = Watch(cfg.eval, cfg.guard, self.task, held if eval_examples is None else eval_examples,
                            self.tokenizer, cfg.output_dir, autocast=self.amp, seed=cfg.seed,
-                           is_main=self.runtime.is_main, export=self.export_final, resumed=self.start_step > 0)
+                           is_main=self.runtime.is_main, export=self.export_final, resumed=self.start_step > 0,
+                           agree=self.runtime.from_main)
         if self.runtime.is_main:
             save_config(cfg, cfg.output_dir)
 

@@ -3,10 +3,13 @@
 Before the first step (``eval.at_start``), every ``eval.every`` steps and at the last step the model decodes
 a fixed, evenly spread set of held-out examples with the task's own decoding and metric; the numbers are
 logged as ``eval/<metric>``.
-When the watched metric reaches a new best, the model is exported to ``output_dir/best`` (with
-``best.json``: step, metric, value). The guard stops a run when
+Each check also logs its standard error (``eval/<metric>_se``: binomial for accuracy, bootstrap otherwise; see
+``ppolm.eval.intervals``). When the watched metric reaches a new best (and the check did not trip the collapse
+guard), the model is exported to ``output_dir/best`` (with ``best.json``: step, metric, value, se). The guard
+stops a run when
 
-* the watched metric falls more than ``guard.max_drop`` below its best so far,
+* the watched metric falls more than ``guard.max_drop`` below its best so far *and* more than ``guard.z``
+  standard errors of that difference (a dip within the noise of the check does not stop a run),
 * one predicted label takes more than ``guard.collapse_share`` of the held-out predictions while no gold
   label does (the "answers one label to everything" failure), or
 * the sampled KL to the reference passes ``guard.max_kl`` (PPO, checked every step),
@@ -14,7 +17,9 @@ When the watched metric reaches a new best, the model is exported to ``output_di
 then rolls back: ``final/`` becomes a copy of ``best/``, and ``guard.json`` records what happened. No peer
 framework (TRL, OpenRLHF, verl) ships this; it is what a careful user does by hand after a bad run.
 
-Every process evaluates the same examples, so all of them reach the same decision without a collective.
+Every process evaluates the same examples (the forward passes are collective under FSDP2 and ZeRO-3), but
+the numbers can differ in the last bits between processes; the main process's numbers are broadcast
+(``agree``) before any decision, so every process keeps the same best and stops at the same step.
 """
 
 from __future__ import annotations
@@ -32,11 +37,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ppolm.config import EvalConfig, GuardConfig
 from ppolm.errors import ConfigError
+from ppolm.eval.intervals import clearly_below, higher_is_better
 from ppolm.eval.run import evaluate, spread
-from ppolm.state_io import save_json
+from ppolm.state_io import atomic_directory, save_json
 from ppolm.tasks.base import Example, Task
-
-LOWER_IS_BETTER = frozenset({"ter", "loss", "perplexity"})
 
 
 @dataclass(frozen=True)
@@ -74,23 +78,31 @@ class Watch:
 
     def __init__(self, eval_cfg: EvalConfig, guard: GuardConfig, task: Task, examples: Sequence[Example],
                  tokenizer: PreTrainedTokenizerBase, output_dir: str | Path, *, autocast: torch.dtype | None,
-                 seed: int, is_main: bool, export: Callable[[str], Path | None], resumed: bool):
+                 seed: int, is_main: bool, export: Callable[[str], Path | None], resumed: bool,
+                 agree: Callable[[dict], dict] | None = None):
         self.cfg, self.guard, self.task, self.tokenizer = eval_cfg, guard, task, tokenizer
         self.examples = spread(list(examples), eval_cfg.limit)
         self.metric = eval_cfg.metric or task.primary_metric
-        self.sign = -1.0 if self.metric in LOWER_IS_BETTER else 1.0
+        self.higher = higher_is_better(self.metric)
+        self.sign = 1.0 if self.higher else -1.0
         self.out, self.autocast, self.seed, self.is_main, self.export = Path(output_dir), autocast, seed, is_main, export
+        self.agree = agree or (lambda metrics: metrics)
         self.best_value: float | None = None
+        self.best_se: float | None = None
         self.best_step: int | None = None
         best = self.out / "best.json"
-        if not resumed and is_main:  # a fresh run must not inherit an earlier run's best or guard outcome
-            for stale in ("best.json", "guard.json"):
-                (self.out / stale).unlink(missing_ok=True)
-            shutil.rmtree(self.out / "best", ignore_errors=True)
+        if is_main:
+            # A fresh run must not inherit an earlier run's best; no run, fresh or resumed, inherits a guard
+            # outcome: a resumed run starts from a checkpoint before the trip (train_loop drops later ones).
+            (self.out / "guard.json").unlink(missing_ok=True)
+            if not resumed:
+                (self.out / "best.json").unlink(missing_ok=True)
+                shutil.rmtree(self.out / "best", ignore_errors=True)
         if resumed and best.is_file():  # a resumed run keeps the best it had found
             state = json.loads(best.read_text(encoding="utf-8"))
             if state.get("metric") == self.metric:
                 self.best_value, self.best_step = float(state["value"]), int(state["step"])
+                self.best_se = state.get("se")
 
     @property
     def enabled(self) -> bool:
@@ -102,12 +114,13 @@ class Watch:
 
     @torch.no_grad()
     def evaluate(self, model: PreTrainedModel, step: int) -> dict[str, float | str]:
-        """The task's metrics on the held-out examples as eval/<name> (scalars only), plus
-        eval/top_pred_share and eval/top_gold_share for label tasks. The model's train/eval mode is kept."""
+        """The task's metrics on the held-out examples as eval/<name> (scalars only), the watched metric's
+        standard error as eval/<metric>_se, plus eval/top_pred_share and eval/top_gold_share for label tasks.
+        The model's train/eval mode is kept."""
         was_training = model.training
         try:
             result = evaluate(self.task, model, self.tokenizer, self.examples, batch_size=self.cfg.batch_size,
-                              autocast=self.autocast, seed=self.seed, label_scores=False)
+                              autocast=self.autocast, seed=self.seed, label_scores=False, se_metrics=[self.metric])
         finally:
             model.train(was_training)
         out: dict[str, float | str] = {f"eval/{k}": float(v) for k, v in result.metrics.items()
@@ -146,26 +159,33 @@ class Watch:
         return trip
 
     def observe(self, step: int, metrics: dict[str, float | str], guards: bool = True) -> GuardTrip | None:
-        """After step `step`: keep a new best (export best/), then check the guards (unless `guards` is False).
-        Returns the trip, if any."""
+        """After step `step`: check the collapse guard, keep a new best (export best/), check the drop and KL
+        guards (no guard when `guards` is False). Returns the trip, if any. `metrics` are first replaced by
+        the main process's (`agree`), so that every process decides the same."""
+        metrics.update(self.agree({k: v for k, v in metrics.items() if k.startswith(("eval/", "objective/kl"))}))
         g = self.guard if guards else GuardConfig()
-        value = metrics.get(f"eval/{self.metric}")
+        value, se = metrics.get(f"eval/{self.metric}"), metrics.get(f"eval/{self.metric}_se")
         if isinstance(value, float):
-            drop = None if self.best_value is None else self.sign * (self.best_value - value)
-            if self.best_value is None or self.sign * (value - self.best_value) > 0:
-                self.best_value, self.best_step = value, step
-                if self.cfg.keep_best:
-                    self.export("best")
-                    if self.is_main:
-                        save_json(self.out / "best.json", {"step": step, "metric": self.metric, "value": value})
-            elif g.max_drop is not None and drop is not None and drop > g.max_drop:
-                return self._trip(step, f"held-out {self.metric} {value:.4f} is {drop:.4f} below its best "
-                                        f"{self.best_value:.4f} (step {self.best_step}; guard.max_drop {g.max_drop})")
+            # Collapse first: a model answering one label to everything must not become best/ even when it
+            # happens to beat a weak start (0.5 at 100% one label against 0.3), or a rollback would restore it.
             share, gold_share = metrics.get("eval/top_pred_share"), metrics.get("eval/top_gold_share")
             if (g.collapse_share is not None and isinstance(share, float) and isinstance(gold_share, float)
                     and share > g.collapse_share >= gold_share):
                 return self._trip(step, f"one label takes {share:.0%} of the held-out predictions "
                                         f"(gold at most {gold_share:.0%}; guard.collapse_share {g.collapse_share})")
+            if self.best_value is None or self.sign * (value - self.best_value) > 0:
+                self.best_value, self.best_se, self.best_step = value, se, step
+                if self.cfg.keep_best:
+                    self.export("best")
+                    if self.is_main:
+                        save_json(self.out / "best.json", {"step": step, "metric": self.metric, "value": value,
+                                                           "se": se})
+            elif g.max_drop is not None and clearly_below(value, se, self.best_value, self.best_se,
+                                                          higher=self.higher, margin=g.max_drop, z=g.z):
+                drop = self.sign * (self.best_value - value)
+                return self._trip(step, f"held-out {self.metric} {value:.4f} is {drop:.4f} below its best "
+                                        f"{self.best_value:.4f} (step {self.best_step}; guard.max_drop {g.max_drop}, "
+                                        f"beyond {g.z:g} standard errors of the difference)")
         kl = metrics.get("objective/kl")
         if g.max_kl is not None and isinstance(kl, float) and kl > g.max_kl:
             return self._trip(step, f"KL to the reference {kl:.3f} nats passed guard.max_kl {g.max_kl}")
@@ -178,12 +198,9 @@ class Watch:
     def rollback(self, trip: GuardTrip) -> None:
         """final/ := best/ when the trip allows it; write guard.json; one line on the console."""
         if self.is_main:
-            if trip.rolled_back:
-                final, tmp = self.out / "final", self.out / "final.rollback-tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(self.out / "best", tmp)
-                shutil.rmtree(final, ignore_errors=True)
-                tmp.rename(final)
+            if trip.rolled_back:  # swapped in whole: there is never a moment without a loadable final/
+                with atomic_directory(self.out / "final") as tmp:
+                    shutil.copytree(self.out / "best", tmp, dirs_exist_ok=True)
             save_json(self.out / "guard.json", asdict(trip))
             print(f"[ppolm] {trip.line()}", flush=True)
 
