@@ -14,6 +14,7 @@ Launch: `ppolm ppo --config configs/tiny.yaml`, or `torchrun --nproc_per_node 2 
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -107,7 +108,8 @@ class PPOTrainer:
         self.start_step = self.checkpointer.maybe_resume() if cfg.resume else 0
         self.watch = Watch(cfg.eval, cfg.guard, self.task, eval_examples or [], self.tokenizer, cfg.output_dir,
                            autocast=self.amp, seed=cfg.seed, is_main=self.runtime.is_main,
-                           export=self.checkpointer.export_final, resumed=self.start_step > 0)
+                           export=self.checkpointer.export_final, resumed=self.start_step > 0,
+                           agree=self.runtime.from_main)
         if self.runtime.is_main:
             path = save_config(cfg, cfg.output_dir)
             if cfg.loss.agg is None:  # a comment: a rerun of this file still resolves it from algo.estimator
@@ -243,8 +245,8 @@ class PPOTrainer:
         """
         p, world = self.cfg.ppo, self.runtime.world_size
         self.actor.train()
-        group, critic, kl_in_loss = self.cfg.rollout.samples_per_prompt, self.estimator.needs_critic, self._kl_in_loss()
-        agg, max_len = self.loss_agg, self.cfg.rollout.max_new_tokens
+        group, agg, max_len = self.cfg.rollout.samples_per_prompt, self.loss_agg, self.cfg.rollout.max_new_tokens
+        fused = policy_out
         sums: dict[str, float] = {}
         n_tokens_total = 0.0
         # sums over the minibatches of their global normalisers: of the policy terms (loss.agg: tokens, responses,
@@ -268,40 +270,10 @@ class PPOTrainer:
                     self.runtime.sum(agg_norm(agg, mb.response_mask, max_len)))
                 micro = [mb.select(i) for i in torch.arange(len(mb)).chunk(p.grad_accum_steps)]
 
-                def loss_fn(m: Experience, index: torch.Tensor = mb_index):
-                    nonlocal policy_out
-                    if policy_out is not None:  # fused: the forward already ran on these weights
-                        logprobs, values, entropy = (x[index] if x is not None else None for x in policy_out)
-                        policy_out = None
-                    else:
-                        logprobs, values, entropy = self.model(
-                            m.input_ids, m.attention_mask, m.input_ids[:, -m.response_mask.shape[1]:],
-                            need_entropy=p.ent_coef > 0, autocast_dtype=self.amp,
-                        )
-                    pl = policy_loss(logprobs, m.old_logprobs, m.advantages, m.response_mask, p.clip_eps,
-                                     p.log_ratio_clamp, norm=mb_norm, agg=agg)
-                    loss = pl.loss
-                    ntok = float(m.response_mask.sum())
-                    metrics = {
-                        "loss/policy": float(pl.loss.detach()) * mb_norm,
-                        "policy/clipfrac": float(pl.clipfrac) * ntok, "policy/approx_kl": float(pl.approx_kl) * ntok,
-                        "policy/ratio_mean": float(pl.ratio_mean) * ntok,
-                    }
-                    if critic:
-                        vl = value_loss(values, m.old_values, m.returns, m.response_mask, p.value_clip_eps,
-                                        num_tokens=mb_tokens)
-                        loss = loss + p.vf_coef * vl.loss
-                        metrics["loss/value"] = float(vl.loss.detach()) * mb_tokens
-                        metrics["val/clipfrac"] = float(vl.clipfrac) * ntok
-                    if kl_in_loss:
-                        kll = kl_loss(logprobs, m.ref_logprobs, m.response_mask, self.cfg.kl.estimator, mb_norm, agg)
-                        loss = loss + self.kl_ctl.value * kll
-                        metrics["loss/kl"] = float(kll.detach()) * mb_norm
-                    if p.ent_coef > 0:
-                        loss = loss - p.ent_coef * entropy_bonus(entropy, m.response_mask, mb_norm, agg)
-                    # DDP averages gradients over processes; the loss is already normalised globally.
-                    return loss * world, metrics
-
+                # the fused forward ran on the weights of the first optimizer step and serves it alone
+                first, fused = fused, None
+                loss_fn = functools.partial(self.minibatch_loss, fused=first, index=mb_index, norm=mb_norm,
+                                            tokens=mb_tokens)
                 result = self.optim.step(micro, loss_fn, where=f"step {step + 1}")
                 for k, v in result.metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -335,6 +307,43 @@ class PPOTrainer:
         # where the step's peak memory is.
         self.actor.zero_grad(set_to_none=True)
         return out
+
+    def minibatch_loss(self, m: Experience, *, fused: PolicyOut | None, index: torch.Tensor, norm: float,
+                       tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """The PPO loss of micro-batch `m` of a minibatch (its rows `index` of the step's batch) and its metric
+        sums. norm: the minibatch's global normaliser of the policy terms (loss.agg); tokens: its global response
+        token count (the value loss's). fused: the fused first forward over the whole batch, or None to run the
+        forward here."""
+        p = self.cfg.ppo
+        if fused is not None:  # the forward already ran on these weights
+            logprobs, values, entropy = (x[index] if x is not None else None for x in fused)
+        else:
+            logprobs, values, entropy = self.model(
+                m.input_ids, m.attention_mask, m.input_ids[:, -m.response_mask.shape[1]:],
+                need_entropy=p.ent_coef > 0, autocast_dtype=self.amp,
+            )
+        pl = policy_loss(logprobs, m.old_logprobs, m.advantages, m.response_mask, p.clip_eps,
+                         p.log_ratio_clamp, norm=norm, agg=self.loss_agg)
+        loss = pl.loss
+        ntok = float(m.response_mask.sum())
+        metrics = {
+            "loss/policy": float(pl.loss.detach()) * norm,
+            "policy/clipfrac": float(pl.clipfrac) * ntok, "policy/approx_kl": float(pl.approx_kl) * ntok,
+            "policy/ratio_mean": float(pl.ratio_mean) * ntok,
+        }
+        if self.estimator.needs_critic:
+            vl = value_loss(values, m.old_values, m.returns, m.response_mask, p.value_clip_eps, num_tokens=tokens)
+            loss = loss + p.vf_coef * vl.loss
+            metrics["loss/value"] = float(vl.loss.detach()) * tokens
+            metrics["val/clipfrac"] = float(vl.clipfrac) * ntok
+        if self._kl_in_loss():
+            kll = kl_loss(logprobs, m.ref_logprobs, m.response_mask, self.cfg.kl.estimator, norm, self.loss_agg)
+            loss = loss + self.kl_ctl.value * kll
+            metrics["loss/kl"] = float(kll.detach()) * norm
+        if p.ent_coef > 0:
+            loss = loss - p.ent_coef * entropy_bonus(entropy, m.response_mask, norm, self.loss_agg)
+        # DDP averages gradients over processes; the loss is already normalised globally.
+        return loss * self.runtime.world_size, metrics
 
     def _kl_in_loss(self) -> bool:
         """kl.in = loss with a KL penalty that is on for the run (the reference is then scored)."""
