@@ -1,7 +1,9 @@
 """The pipeline's report: report.html (one self-contained file, images inline) and report.md.
 
-Training curves, ROC curves with AUC and confusion matrices (classification), a table of task metrics for
-base / SFT / PPO side by side with the wall time each took, and sample outputs before and after.
+Training curves (the held-out metric with its 95% interval the largest panel, then two panels a row, each
+readable at the page's width), ROC curves with AUC and confusion matrices (classification), a table of task
+metrics for base / SFT / PPO side by side with the wall time each took (a metric with a standard error as
+value ± 95% interval), and sample outputs before and after.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on servers or CI
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ppolm.eval.intervals import Z_95  # noqa: E402
 
 CURVES = [("reward/mean", "reward"), ("objective/kl", "KL to reference"), ("policy/entropy", "entropy"),
           ("response/length_mean", "response length"), ("loss/value", "value loss")]
@@ -36,60 +40,82 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+DPI = 90
+CURVES_WIDTH_IN = 12.0  # 1080 px at DPI: the report's 1100 px column shows it unscaled, two panels of ~470 px a row
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
 
 def training_curves(candidates, metric: str | None = None) -> bytes | None:
-    """One panel per PPO curve (every PPO run overlaid), the SFT loss, and the held-out `metric` measured
-    during training (eval/<metric>, every run that logged it)."""
+    """The training curves as a PNG (see :func:`curves_figure`); None when no run logged any."""
+    fig = curves_figure(candidates, metric)
+    return None if fig is None else _png(fig)
+
+
+def curves_figure(candidates, metric: str | None = None):
+    """The held-out `metric` measured during training (eval/<metric> of every run that logged it, shaded
+    +-Z_95 x eval/<metric>_se where logged) across the top, the largest panel; below it, two a row, the SFT
+    loss and one panel per PPO curve (every PPO run overlaid). A run has the same colour in every panel."""
     runs = [(c.name, _read_jsonl(Path(c.run_dir) / "metrics.jsonl")) for c in candidates if c.run_dir]
+    colour = {name: f"C{i % 10}" for i, (name, _) in enumerate(runs)}
     ppo_runs = [(name, rows) for name, rows in runs if "ppo" in name]
-    sft_runs = [(name, rows) for name, rows in runs if name == "sft"]
-    panels = [(k, t) for k, t in CURVES if any(k in r for _, rows in ppo_runs for r in rows)]
-    has_sft = any(rows for _, rows in sft_runs)
+    panels = [(k, f"PPO {t}", ppo_runs) for k, t in CURVES if any(k in r for _, rows in ppo_runs for r in rows)]
+    sft_runs = [(name, rows) for name, rows in runs if name == "sft" and any("loss/sft" in r for r in rows)]
+    panels = [("loss/sft", "SFT loss", sft_runs)] * bool(sft_runs) + panels
     eval_key = f"eval/{metric}"
     eval_runs = [(name, rows) for name, rows in runs if any(r.get(eval_key) is not None for r in rows)]
-    n = len(panels) + int(has_sft) + int(bool(eval_runs))
-    if n == 0:
+    if not panels and not eval_runs:
         return None
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
+    cols = 2 if len(panels) > 1 or eval_runs else 1
+    rows_below = -(-len(panels) // cols)
+    top = [1.5] if eval_runs else []
+    fig = plt.figure(figsize=(CURVES_WIDTH_IN if cols == 2 else CURVES_WIDTH_IN / 2, 4.2 * bool(eval_runs)
+                              + 2.9 * rows_below), dpi=DPI, layout="constrained")
+    grid = fig.add_gridspec(len(top) + rows_below, cols, height_ratios=top + [1.0] * rows_below)
     if eval_runs:
-        ax = axes[0][len(panels) + int(has_sft)]
-        for name, rows in eval_runs:
-            pts = [(r["step"], r[eval_key]) for r in rows if r.get(eval_key) is not None]
-            ax.plot(*zip(*pts), marker="o", markersize=3, label=name)
-            stops = [r["step"] for r in rows if r.get("guard/stopped")]
-            for step in stops:
-                ax.axvline(step, color="tab:red", linestyle=":", linewidth=1)
-        ax.set_title(f"held-out {metric} during training", fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6)
-    for ax, (key, title) in zip(axes[0], panels):
-        for name, rows in ppo_runs:
+        _held_out_panel(fig.add_subplot(grid[0, :]), eval_runs, eval_key, metric, colour)
+    for i, (key, title, curve_runs) in enumerate(panels):
+        ax = fig.add_subplot(grid[len(top) + i // cols, i % cols])
+        for name, rows in curve_runs:
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), label=name)
-        ax.set_title(f"PPO {title}", fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    if len(ppo_runs) > 1:
-        axes[0][0].legend(fontsize=7)
-    if has_sft:
-        ax = axes[0][len(panels)]
-        for name, rows in sft_runs:
-            pts = [(r["step"], r["loss/sft"]) for r in rows if r.get("loss/sft") is not None]
-            if pts:
-                ax.plot(*zip(*pts), color="tab:green")
-        ax.set_title("SFT loss", fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    return _png(fig)
+                ax.plot(*zip(*pts), color=colour[name], label=name)
+        _style(ax, title)
+        if len(curve_runs) > 1:
+            ax.legend(fontsize=8)
+    return fig
+
+
+def _held_out_panel(ax, eval_runs, eval_key: str, metric: str | None, colour: dict[str, str]) -> None:
+    banded = stopped = False
+    for name, rows in eval_runs:
+        pts = [(r["step"], r[eval_key], r.get(f"{eval_key}_se")) for r in rows if r.get(eval_key) is not None]
+        steps, values = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(steps, values, marker="o", markersize=4, color=colour[name], label=name)
+        if all(isinstance(p[2], (int, float)) for p in pts):
+            lo, hi = [v - Z_95 * p[2] for v, p in zip(values, pts)], [v + Z_95 * p[2] for v, p in zip(values, pts)]
+            ax.fill_between(steps, lo, hi, color=colour[name], alpha=0.08, linewidth=0)
+            for edge in (lo, hi):  # overlaid bands blur into one tint: their edges say whose band ends where
+                ax.plot(steps, edge, color=colour[name], linestyle="--", linewidth=0.8, alpha=0.7)
+            banded = True
+        for step in [r["step"] for r in rows if r.get("guard/stopped")]:
+            ax.axvline(step, color=colour[name], linestyle=":", linewidth=1.5)
+            stopped = True
+    notes = ["shaded: 95% interval"] * banded + ["dotted: a guard stopped the run"] * stopped
+    _style(ax, f"held-out {metric} during training" + (f" ({'; '.join(notes)})" if notes else ""), size=11)
+    ax.legend(fontsize=9, ncols=min(len(eval_runs), 6))
+
+
+def _style(ax, title: str, size: int = 10) -> None:
+    ax.set_title(title, fontsize=size)
+    ax.set_xlabel("step", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
 
 
 def roc_figure(candidates) -> bytes | None:
@@ -139,8 +165,20 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def _cell(metrics: dict[str, Any], key: str) -> str:
+    # a value with its standard error beside it (key_se) reads as value ± half-width of its 95% interval
+    v, se = metrics.get(key), metrics.get(f"{key}_se")
+    if isinstance(v, (int, float)) and isinstance(se, (int, float)):
+        return f"{v:.3f} ± {Z_95 * se:.3f}"
+    return _fmt(v)
+
+
+INTERVAL_CAPTION = "value ± h: a 95% normal interval, h = 1.96 standard errors over the rows"
+
+
 def metrics_table(candidates, extra_set: str | None = None) -> tuple[list[str], list[list[str]]]:
-    """Stage x headline metric on the test split, or on the named extra set (then without the timings)."""
+    """Stage x headline metric on the test split, or on the named extra set (then without the timings); a
+    metric with its standard error beside it (`<metric>_se`) as 'value ± 1.96 se'."""
     def of(c):
         return c.metrics if extra_set is None else c.extra.get(extra_set, {})
 
@@ -151,7 +189,7 @@ def metrics_table(candidates, extra_set: str | None = None) -> tuple[list[str], 
     def peak(c) -> str:
         return "-" if c.train_peak_mb is None else f"{c.train_peak_mb:.0f}"
 
-    rows = [[c.name, *[_fmt(of(c).get(k)) for k in keys],
+    rows = [[c.name, *[_cell(of(c), k) for k in keys],
              *([f"{c.train_seconds:.0f}", peak(c), f"{c.eval_seconds:.0f}"] if extra_set is None else [])]
             for c in candidates]
     return header, rows
@@ -182,12 +220,19 @@ def comparisons(candidates, metric: str, higher_is_better: bool = True) -> list[
     return lines
 
 
+def _has_intervals(rows: list[list[str]]) -> bool:
+    return any(" ± " in cell for row in rows for cell in row)
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in rows]]
+    caption = ["", f"{INTERVAL_CAPTION}."] if _has_intervals(rows) else []
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(r) + " |" for r in rows], *caption]
 
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    return ("<table><tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in header) + "</tr>"
+    caption = f"<caption>{html.escape(INTERVAL_CAPTION)}</caption>" if _has_intervals(rows) else ""
+    return (f"<table>{caption}<tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in header) + "</tr>"
             + "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows) + "</table>")
 
 
@@ -226,7 +271,8 @@ def write_report(cfg, task, candidates, chosen, out: Path, summary: dict) -> tup
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
          "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
-         "th{background:#f3f3f3}img{max-width:100%}.s{font-size:12px;white-space:pre-wrap}</style></head><body>",
+         "th{background:#f3f3f3}caption{caption-side:bottom;text-align:left;font-size:12px;color:#555;padding-top:4px;white-space:nowrap}"
+         "img{max-width:100%}.s{font-size:12px;white-space:pre-wrap}</style></head><body>",
          f"<h1>{html.escape(title)}</h1>",
          f"<p>Chosen model: <b>{html.escape(chosen.name)}</b>, exported to <code>{html.escape(summary['export_dir'])}"
          f"</code>. Target <code>{html.escape(cfg.target.metric)}</code> "
