@@ -27,10 +27,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ppolm.errors import ConfigError
 from ppolm.serve.batch import DecodeBatch
 from ppolm.serve.request import DeadlineExceeded, EngineStats, Finish, GenRequest, SamplingParams
+from ppolm.tasks.base import DECODING_FILE
 
 log = logging.getLogger("ppolm.serve")
 
-DECODING_FILE = "ppolm_decoding.json"
 DECODING_KEYS = frozenset({"temperature", "top_p", "top_k", "max_new_tokens", "stop", "system_prompt"})
 
 
