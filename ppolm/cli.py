@@ -21,6 +21,8 @@ CONFIG_COMMANDS = {
     "ppo": ("ppolm.config:PPORunConfig", "ppolm.trainers.ppo:train_ppo", "PPO fine-tuning (RLHF-style)"),
     "sft": ("ppolm.trainers.sft:SFTRunConfig", "ppolm.trainers.sft:train_sft", "supervised fine-tuning"),
     "rm": ("ppolm.trainers.rm:RMRunConfig", "ppolm.trainers.rm:train_rm", "reward-model training from preference pairs"),
+    "dpo": ("ppolm.trainers.dpo:DPORunConfig", "ppolm.trainers.dpo:train_dpo",
+            "DPO (or IPO) of the policy on preference pairs, no reward model"),
     "run": ("ppolm.pipeline:PipelineConfig", "ppolm.pipeline:run_pipeline",
             "the whole flow: preprocess, train (SFT and/or PPO), evaluate, adjust, export, report"),
 }
