@@ -24,6 +24,10 @@ def _kind(path: Path):
         from ppolm.trainers.rm import RMRunConfig
 
         return RMRunConfig
+    if path.name.startswith("dpo-"):
+        from ppolm.trainers.dpo import DPORunConfig
+
+        return DPORunConfig
     return PPORunConfig
 
 
