@@ -34,6 +34,21 @@ def test_classification_reward() -> None:
         1.0, 0.25, 0.0, 0.0, 0.0, 1.0
     ]
     assert classification_reward(prompts, completions, label=gold, labels_all=LABELS)[1] == 0.0
+    # the symmetric reward: a wrong label costs -1, an answer naming no label still earns 0
+    assert classification_reward(prompts, completions, label=gold, labels_all=LABELS, partial_credit=0.25,
+                                 wrong_label_reward=-1.0) == [1.0, 0.25, -1.0, 0.0, 0.0, 1.0]
+
+
+def test_the_task_option_reaches_the_reward() -> None:
+    from ppolm.tasks import build_task
+
+    task = build_task("classification", {"wrong_label_reward": -1.0})
+    rows = task.load(None)[:4]
+    fn, weight = task.reward_functions()[0]
+    gold = [ex.fields["label"] for ex in rows]
+    wrong = [next(w for w in ex.fields["labels_all"] if w != g) for ex, g in zip(rows, gold)]
+    assert fn([""] * 4, wrong, **task.row_fields(rows)) == [-1.0] * 4
+    assert fn([""] * 4, gold, **task.row_fields(rows)) == [1.0] * 4
 
 
 def test_classification_reward_without_label_set_uses_batch_labels() -> None:

@@ -41,13 +41,16 @@ def classification_reward(
     label: Sequence[str],
     labels_all: Sequence[str] | Sequence[Sequence[str]] | None = None,
     partial_credit: float = 0.0,
+    wrong_label_reward: float = 0.0,
     **_unused: Any,
 ) -> list[float]:
-    """1 if the first label word of the completion is the gold label, else partial credit or 0.
+    """1 if the first label word of the completion is the gold label, else partial credit, the wrong-label
+    reward or 0.
 
-    r_i = 1               if label_from_completion(c_i, labels_all) == label_i
-        = partial_credit  if label_i occurs in c_i (whole word, any case) but another label comes first
-        = 0               otherwise.
+    r_i = 1                   if label_from_completion(c_i, labels_all) == label_i
+        = partial_credit      if label_i occurs in c_i (whole word, any case) but another label comes first
+        = wrong_label_reward  if c_i names only other labels
+        = 0                   if c_i names no label.
     ``labels_all`` is the full label set, given once (``["negative", "positive"]``) or as the classification
     task's row field, one label list per row (what ``reward.functions: [{name: classification}]`` receives);
     without it, the distinct gold labels of this batch are used, which misses labels absent from the batch --
@@ -63,6 +66,8 @@ def classification_reward(
             rewards.append(1.0)
         elif any(f.lower() == gold.lower() for f in labels_in_completion(completion, candidates + [gold])):
             rewards.append(float(partial_credit))
+        elif first is not None:
+            rewards.append(float(wrong_label_reward))
         else:
             rewards.append(0.0)
     return rewards

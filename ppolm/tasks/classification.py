@@ -76,6 +76,11 @@ class ClassificationOptions(TaskOptions):
     """Prompt template with {labels} (the label words joined) and {text}."""
     partial_credit: float = Field(0.0, ge=0.0, le=1.0)
     """Reward when the gold label occurs in the completion but another label word comes first."""
+    wrong_label_reward: float = Field(0.0, ge=-1.0, le=0.0)
+    """Reward when the completion names a label and it is the wrong one (an answer naming no label gets 0).
+    -1 makes the reward symmetric: answering one label to every input then earns 0 on balanced data, no more
+    than answering nothing, so PPO from the base model is not pulled towards that collapse while it learns
+    the format (docs/results.md)."""
     max_words: int | None = Field(200, ge=1)
     """Inputs longer than this many words are cut (IMDB reviews run to 2,000 words); null keeps them whole."""
     stop_words: str | None = None
@@ -183,12 +188,12 @@ class ClassificationTask(Task):
 
     # ---- reward and metrics --------------------------------------------------------------------------------
     def reward_functions(self) -> list[tuple[RewardFn, float]]:
-        credit = self.options.partial_credit
+        credit, wrong = self.options.partial_credit, self.options.wrong_label_reward
 
         def reward(prompts, completions, *, label, labels_all=None, **fields):
             # Row fields hold one label list per row; classification_reward wants the label set once.
             return classification_reward(prompts, completions, label=label, labels_all=label_set(labels_all),
-                                         partial_credit=credit)
+                                         partial_credit=credit, wrong_label_reward=wrong)
 
         return [(reward, 1.0)]
 
