@@ -74,7 +74,7 @@ class PPOConfig(Section):
     grad_accum_steps: int = Field(1, ge=1)
     """Micro-batches per minibatch whose gradients are summed before one optimizer step."""
     clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
-    """Policy ratio clip range epsilon."""
+    """Policy ratio clip range epsilon of algo.policy_loss 'ppo' (both sides, unless algo.clip_eps_low/high)."""
     value_clip_eps: float | None = Field(0.2, gt=0.0)
     """Value clip range around the old values (null disables value clipping)."""
     vf_coef: float = Field(0.1, ge=0.0)
@@ -135,6 +135,29 @@ class AlgoConfig(Section):
     """Advantage estimator: 'gae' (PPO with a critic) or critic-free 'grpo', 'rloo', 'reinforce_pp',
     'dr_grpo' (no value model built or trained; see docs/implementation-details.md). grpo, rloo and dr_grpo
     need rollout.samples_per_prompt >= 2."""
+    policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
+    """Policy loss: 'ppo' (clipped surrogate, per-token ratio), 'gspo' (Zheng et al. 2025: one ratio per
+    response, the geometric mean of its token ratios, clipped per response; loss.agg seq_mean_token_mean), 'cispo'
+    (MiniMax-M1 2025: clipped importance weights under a stop-gradient, every token keeps its gradient; loss.agg
+    null resolves to token_mean). See ppolm/algo/policy_losses.py."""
+    clip_eps_low: float | None = Field(None, gt=0.0, le=1.0)
+    """The ratio (or IS weight) is kept above 1 - clip_eps_low. null = the policy loss's paper default: ppo.clip_eps
+    for ppo, 3e-4 for gspo, none for cispo (1.0: the weight only stays >= 0)."""
+    clip_eps_high: float | None = Field(None, gt=0.0)
+    """The ratio (or IS weight) is kept below 1 + clip_eps_high. null = the policy loss's paper default:
+    ppo.clip_eps for ppo, 4e-4 for gspo, 3.0 for cispo (a weight cap of 4). DAPO's clip-higher: 0.28 with ppo."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop the groups whose k responses got the same raw score and sample more prompts
+    until the batch is full (or dynamic_sampling_max_rounds); needs a group estimator (grpo, rloo, dr_grpo)."""
+    dynamic_sampling_max_rounds: int = Field(4, ge=2, le=100)
+    """Most generation rounds per step with dynamic_sampling (the first included); when they do not find enough
+    varied groups, the batch is filled with dropped ones (logged as dynamic_sampling/filled_groups)."""
+    overlong_buffer: int = Field(0, ge=0)
+    """DAPO's overlong reward shaping: a response longer than rollout.max_new_tokens - overlong_buffer tokens pays a
+    penalty rising linearly to overlong_penalty at max_new_tokens (0 = off; DAPO: 4096 of 20480)."""
+    overlong_penalty: float = Field(1.0, gt=0.0)
+    """Largest overlong penalty, subtracted from the score of a response of rollout.max_new_tokens tokens
+    (DAPO: 1.0)."""
 
 
 # The estimators whose baseline is the rest of the group (ppolm.algo.estimators: Estimator.group_baseline; the
@@ -313,7 +336,7 @@ class PPORunConfig(CommonConfig):
     kl: KLConfig = Field(default_factory=KLConfig)
     """KL penalty against the reference model."""
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
-    """The RL algorithm: advantage estimator."""
+    """The RL algorithm: advantage estimator, policy loss, DAPO's dynamic sampling and overlong shaping."""
     loss: LossConfig = Field(default_factory=LossConfig)
     """How the policy loss is aggregated over tokens and responses."""
     ppo: PPOConfig = Field(default_factory=PPOConfig)
@@ -369,11 +392,37 @@ def check_estimator_settings(cfg: "PPORunConfig") -> None:
                          "the other responses to the same prompt, and without them it is REINFORCE on the raw "
                          "reward; set rollout.samples_per_prompt (e.g. 4) or use algo.estimator 'reinforce_pp' or "
                          "'gae'")
+    check_policy_loss_settings(cfg)
     kl = cfg.kl
     if kl.in_ == "loss" and kl.estimator == "k1" and (kl.coef > 0 or kl.adaptive):
         raise ValueError("kl.in: 'loss' with kl.estimator: 'k1' penalises nothing: the gradient of a k1 term, "
                          "log pi - log ref, is zero in expectation over samples of pi; set kl.estimator: k3 "
                          "(GRPO) or k2, or kl.in: reward")
+
+
+def check_policy_loss_settings(cfg: "PPORunConfig") -> None:
+    """algo.policy_loss and DAPO's switches: combinations that do not mean what their names say."""
+    a = cfg.algo
+    if a.policy_loss == "gspo" and cfg.loss.agg not in (None, "seq_mean_token_mean"):
+        raise ValueError(f"algo.policy_loss 'gspo' with loss.agg '{cfg.loss.agg}': GSPO's objective is a mean over "
+                         "responses of one clipped sequence ratio each (Zheng et al. 2025 eq. 5), another "
+                         "aggregation weighs responses by length; use loss.agg: seq_mean_token_mean or null")
+    if a.policy_loss != "ppo" and cfg.ppo.clip_eps != PPOConfig.model_fields["clip_eps"].default:
+        raise ValueError(f"ppo.clip_eps is the clip range of algo.policy_loss 'ppo'; '{a.policy_loss}' clips with "
+                         "algo.clip_eps_low / algo.clip_eps_high (null: the paper's values)")
+    if a.dynamic_sampling and a.estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"algo.dynamic_sampling drops groups whose rewards are all equal, which only have a zero "
+                         f"advantage with a group estimator; algo.estimator '{a.estimator}' is not one (use grpo, "
+                         "rloo or dr_grpo with rollout.samples_per_prompt >= 2)")
+    defaults = AlgoConfig.model_fields
+    if not a.dynamic_sampling and a.dynamic_sampling_max_rounds != defaults["dynamic_sampling_max_rounds"].default:
+        raise ValueError("algo.dynamic_sampling_max_rounds bounds algo.dynamic_sampling, which is off")
+    if not a.overlong_buffer and a.overlong_penalty != defaults["overlong_penalty"].default:
+        raise ValueError("algo.overlong_penalty scales the overlong shaping, which is off: set algo.overlong_buffer "
+                         "(the soft window in tokens, DAPO: 4096 of 20480)")
+    if a.overlong_buffer > cfg.rollout.max_new_tokens:
+        raise ValueError(f"algo.overlong_buffer ({a.overlong_buffer}) must be at most rollout.max_new_tokens "
+                         f"({cfg.rollout.max_new_tokens}): it is the last part of that length budget")
 
 
 def check_ppo_sampling(cfg: "PPORunConfig") -> "PPORunConfig":

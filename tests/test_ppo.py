@@ -84,7 +84,12 @@ GROUPS = ["rollout.samples_per_prompt=4", "rollout.batch_size=4"]  # 16 rows a s
 @pytest.mark.parametrize("overrides", [
     (), ("algo.estimator=grpo", *GROUPS), ("algo.estimator=rloo", *GROUPS), ("algo.estimator=reinforce_pp",),
     ("algo.estimator=dr_grpo", *GROUPS, "kl.in=loss", "kl.estimator=k3"),
-], ids=["gae", "grpo", "rloo", "reinforce_pp", "dr_grpo-kl_in_loss"])
+    ("algo.estimator=grpo", *GROUPS, "algo.policy_loss=gspo"),
+    ("algo.estimator=grpo", *GROUPS, "algo.policy_loss=cispo"),
+    # DAPO's pieces together: clip-higher, token mean, dynamic sampling (refill rounds) and overlong shaping
+    ("algo.estimator=grpo", *GROUPS, "algo.clip_eps_high=0.28", "loss.agg=token_mean", "algo.dynamic_sampling=true",
+     "algo.overlong_buffer=4"),
+], ids=["gae", "grpo", "rloo", "reinforce_pp", "dr_grpo-kl_in_loss", "grpo-gspo", "grpo-cispo", "grpo-dapo"])
 def test_resume_is_exact(tmp_path, overrides):
     _resume_equal(tmp_path, *overrides)
 

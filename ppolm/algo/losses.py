@@ -38,20 +38,23 @@ def policy_loss(
     log_ratio_clamp: float = 20.0,
     norm: float | None = None,
     agg: str = "token_mean",
+    clip_eps_high: float | None = None,
 ) -> PolicyLossOut:
     """Clipped surrogate (Schulman et al. 2017):
 
     ratio = exp(logprobs - old_logprobs)
-    L = agg( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) )  over response tokens,
+    L = agg( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high)) )  over response tokens,
     agg the `loss.agg` aggregation (token mean by default; ppolm.algo.aggregation), norm its normaliser for the
     whole minibatch (None: these rows'). The log-ratio is clamped to +-log_ratio_clamp before exp() so one bad
-    token cannot overflow the loss. Inputs (B, R); returns scalar loss and diagnostics (no grad in the
+    token cannot overflow the loss. eps_high = clip_eps_high, or clip_eps when None (DAPO's "clip-higher" sets it
+    above eps; ppolm.algo.policy_losses). Inputs (B, R); returns scalar loss and diagnostics (no grad in the
     diagnostics, which are token means whatever agg is).
     """
     log_ratio = (logprobs.float() - old_logprobs.float()).clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
     loss = agg_loss(torch.maximum(unclipped, clipped), response_mask, agg, norm)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), response_mask)

@@ -7,7 +7,8 @@ Algorithm: Ouyang et al. 2022 (InstructGPT) / Ziegler et al. 2019, with the deta
 Details of RLHF with PPO" (docs/implementation-details.md lists each with the function that does it).
 The advantage estimator is chosen by `algo.estimator` (ppolm/algo/estimators.py): GAE with a critic, or
 critic-free GRPO / RLOO / REINFORCE++ / Dr. GRPO over groups of `rollout.samples_per_prompt` responses, through
-the same loop and the same clipped update.
+the same loop; the policy loss by `algo.policy_loss` (ppolm/algo/policy_losses.py): the clipped surrogate, GSPO
+or CISPO. DAPO's dynamic sampling and overlong shaping are switches of `algo` too.
 Deliberately left out: PPO-ptx pretraining mix, reward-model training inside the loop (see `ppolm rm`).
 Launch: `ppolm ppo --config configs/tiny.yaml`, or `torchrun --nproc_per_node 2 -m ppolm.cli ppo ...`.
 """
@@ -25,19 +26,22 @@ from ppolm.algo.advantages import shaped_rewards
 from ppolm.algo.aggregation import agg_norm
 from ppolm.algo.estimators import estimate, get_estimator
 from ppolm.algo.kl import make_kl_controller
-from ppolm.algo.losses import entropy_bonus, explained_variance, kl_loss, policy_loss, value_loss
+from ppolm.algo.losses import entropy_bonus, explained_variance, kl_loss, value_loss
+from ppolm.algo.policy_losses import get_policy_loss, resolve_clip
 from ppolm.config import PPORunConfig, save_config
 from ppolm.data.collate import left_pad_collate
 from ppolm.models import load_model, load_tokenizer
 from ppolm.models.policy import lora_merged_for_generation
 from ppolm.ops import masked_mean
 from ppolm.rewards.compose import RewardFn, Scorer, resolve_reward_function
+from ppolm.rewards.overlong import overlong_penalty
 from ppolm.rollout import generate
 from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.sampling import row_uniforms
 from ppolm.tasks import Example, Task, build_task
 from ppolm.trainers.actor_critic import build_actor_critic, param_groups, reference_logprobs
 from ppolm.trainers.common import StepOutput, split_held_out, train_loop
+from ppolm.trainers.dynamic_sampling import Round, fill_batch, refill_rows, refill_streams
 from ppolm.trainers.ppo_state import PPOCheckpointer
 from ppolm.trainers.run_dir import prepare_output_dir
 from ppolm.trainers.prompts import build_prompts, step_rows
@@ -82,8 +86,12 @@ class PPOTrainer:
             raise DataError(cfg.task.data or cfg.task.name, None, None,
                             f"no prompt fits rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}")
         self.estimator = get_estimator(cfg.algo.estimator)
-        # loss.agg null: the estimator's paper default (recorded as a comment in output_dir/config.yaml)
-        self.loss_agg = cfg.loss.agg or self.estimator.loss_agg
+        self.policy_loss = get_policy_loss(cfg.algo.policy_loss)
+        # null clip bounds and loss.agg: the policy loss's paper values, else ppo.clip_eps / the estimator's paper
+        # default (recorded as comments in output_dir/config.yaml)
+        self.clip_low, self.clip_high = resolve_clip(cfg.algo.policy_loss, cfg.ppo.clip_eps, cfg.algo.clip_eps_low,
+                                                     cfg.algo.clip_eps_high)
+        self.loss_agg = cfg.loss.agg or self.policy_loss.loss_agg or self.estimator.loss_agg
         self.actor, self.reference = build_actor_critic(cfg, self.amp)
         self.actor.to(self.runtime.device)
         if self.reference is not None:
@@ -112,9 +120,15 @@ class PPOTrainer:
                            agree=self.runtime.from_main)
         if self.runtime.is_main:
             path = save_config(cfg, cfg.output_dir)
-            if cfg.loss.agg is None:  # a comment: a rerun of this file still resolves it from algo.estimator
-                with path.open("a", encoding="utf-8") as f:
-                    f.write(f"# loss.agg null resolved to '{self.loss_agg}' (algo.estimator '{self.estimator.name}')\n")
+            a = cfg.algo
+            with path.open("a", encoding="utf-8") as f:  # comments: a rerun of this file still resolves them
+                if cfg.loss.agg is None:
+                    by = (f"algo.policy_loss '{a.policy_loss}'" if self.policy_loss.loss_agg
+                          else f"algo.estimator '{self.estimator.name}'")
+                    f.write(f"# loss.agg null resolved to '{self.loss_agg}' ({by})\n")
+                if a.policy_loss != "ppo" and (a.clip_eps_low is None or a.clip_eps_high is None):
+                    f.write(f"# algo.clip_eps_low / clip_eps_high resolved to {self.clip_low:g} / {self.clip_high:g} "
+                            f"(algo.policy_loss '{a.policy_loss}')\n")
 
     def _build_scorer(self, reward_fn, extra_fns) -> Scorer:
         cfg = self.cfg.reward
@@ -134,18 +148,24 @@ class PPOTrainer:
         return Scorer(fns, rm, rm_tok, cfg.model_weight, cfg.normalize, cfg.clip, cfg.missing_eos_penalty, self.amp)
 
     # ---- phases -------------------------------------------------------------------------------------------
-    def rollout(self, step: int) -> tuple[Rollout, list, list[int]]:
+    def rollout(self, step: int, round_: int = 0) -> tuple[Rollout, list, list[int]]:
         """Sample k = samples_per_prompt responses for each of this process's prompts of `step`; the k rows of a
-        prompt are contiguous, and a process always holds whole groups."""
-        rows = step_rows(len(self.prompts.examples), self.cfg.seed, step, self.global_batch,
-                         self.runtime.rank, self.cfg.rollout.batch_size)
+        prompt are contiguous, and a process always holds whole groups. round_ >= 1: a refill round of dynamic
+        sampling, with prompts and random streams of its own (ppolm.trainers.dynamic_sampling)."""
         r = self.cfg.rollout
         k = r.samples_per_prompt
+        if round_ == 0:
+            rows = step_rows(len(self.prompts.examples), self.cfg.seed, step, self.global_batch,
+                             self.runtime.rank, r.batch_size)
+            # sample j of the prompt at global position pos draws from stream pos * k + j (k = 1: stream pos)
+            streams = [pos * k + j for pos, _ in rows for j in range(k)]
+        else:
+            rows = refill_rows(len(self.prompts.examples), self.cfg.seed, step, round_, self.global_batch,
+                               self.runtime.rank, r.batch_size)
+            streams = refill_streams(rows, round_, self.global_batch, k)
         ids, mask = left_pad_collate([self.prompts.token_ids[i] for _, i in rows], self.tokenizer.pad_token_id)
         idx = [i for _, i in rows for _ in range(k)]
-        # sample j of the prompt at global position pos draws from stream pos * k + j (k = 1: stream pos)
-        uniforms = row_uniforms(self.cfg.seed, step, [pos * k + j for pos, _ in rows for j in range(k)],
-                                r.max_new_tokens)
+        uniforms = row_uniforms(self.cfg.seed, step, streams, r.max_new_tokens)
         self.actor.eval()  # rollout and scoring run in eval mode; update() switches to train mode
         with lora_merged_for_generation(self.actor.policy, self.amp):  # (no-op without LoRA)
             out = self._generate(ids, mask, uniforms, [self.prompts.texts[i] for i in idx])
@@ -165,19 +185,46 @@ class PPOTrainer:
         )
 
     def score(self, rollout: Rollout, examples) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sequence scores (B,) from the reward functions / model, normalized and clipped."""
+        """Sequence scores (B,) from the reward functions / model, normalized and clipped, with the missing-EOS
+        and overlong penalties."""
+        scores, _, metrics = self._score(rollout, examples)
+        return scores, metrics
+
+    def _score(self, rollout: Rollout, examples) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """score(), plus the raw scores (B,) with non-finite ones as 0 (what dynamic sampling compares)."""
         raw = self.scorer.raw_scores(rollout.prompts, rollout.completions, self.task.row_fields(examples))
         all_raw = self.runtime.gather_floats(raw)
         scores, stats = self.scorer.finish(raw, rollout.ended, all_raw)
+        a, extra = self.cfg.algo, {}
+        if a.overlong_buffer:  # DAPO's overlong shaping, added after normalisation like the EOS penalty
+            penalty = overlong_penalty(rollout.response_mask.sum(-1).cpu(), self.cfg.rollout.max_new_tokens,
+                                       a.overlong_buffer, a.overlong_penalty)
+            scores = scores + penalty
+            extra["reward/overlong_penalty_mean"] = float(self.runtime.sum(penalty.sum())) / self.global_rows
         finite = all_raw[torch.isfinite(all_raw)]
-        return scores.to(self.runtime.device), {
+        return scores.to(self.runtime.device), torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw)), {
             "reward/mean": float(finite.mean()) if finite.numel() else float("nan"),
             "reward/std": float(finite.std()) if finite.numel() > 1 else 0.0,
             "reward/score_mean": float(self.runtime.sum(scores.sum()) / self.global_rows),
             "reward/nonfinite_count": float(self.runtime.sum(stats.nonfinite)),
             "reward/eos_penalized_count": float(self.runtime.sum(stats.eos_penalized)),
             "reward/all_equal": float(finite.numel() > 0 and bool((finite == finite[0]).all())),
+            **extra,
         }
+
+    def dynamic_sampling(self, step: int, first: Round) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
+        """DAPO's dynamic sampling (ppolm.trainers.dynamic_sampling): keep the groups of `first` (the step's
+        regular rows) whose raw scores differ, refill rounds until every process holds batch_size of them or
+        algo.dynamic_sampling_max_rounds rounds have run; returns the batch, its scores and the metrics."""
+        def sample(round_: int) -> Round:
+            rollout, examples, _ = self.rollout(step, round_)
+            scores, raw, _ = self._score(rollout, examples)  # the reward/* metrics stay those of the regular rows
+            return Round(rollout, scores, raw)
+
+        return fill_batch(first, sample, groups=self.cfg.rollout.batch_size,
+                          group_size=self.cfg.rollout.samples_per_prompt,
+                          max_rounds=self.cfg.algo.dynamic_sampling_max_rounds, any_short=self.runtime.broadcast_flag,
+                          global_sum=lambda x: float(self.runtime.sum(x)), pad_id=self.tokenizer.pad_token_id)
 
     def fused_first_forward(self) -> bool:
         """True when the update is one optimizer step over the whole batch: its forward, taken before any weight
@@ -322,8 +369,9 @@ class PPOTrainer:
                 m.input_ids, m.attention_mask, m.input_ids[:, -m.response_mask.shape[1]:],
                 need_entropy=p.ent_coef > 0, autocast_dtype=self.amp,
             )
-        pl = policy_loss(logprobs, m.old_logprobs, m.advantages, m.response_mask, p.clip_eps,
-                         p.log_ratio_clamp, norm=norm, agg=self.loss_agg)
+        pl = self.policy_loss.fn(logprobs, m.old_logprobs, m.advantages, m.response_mask, clip_low=self.clip_low,
+                                 clip_high=self.clip_high, log_ratio_clamp=p.log_ratio_clamp, norm=norm,
+                                 agg=self.loss_agg)
         loss = pl.loss
         ntok = float(m.response_mask.sum())
         metrics = {
@@ -356,8 +404,12 @@ class PPOTrainer:
         t0 = time.perf_counter()
         rollout, examples, idx = self.rollout(step)
         t1 = time.perf_counter()
-        scores, reward_metrics = self.score(rollout, examples)
-        t2 = time.perf_counter()
+        scores, raw, reward_metrics = self._score(rollout, examples)
+        t2 = t_ds = time.perf_counter()
+        if self.cfg.algo.dynamic_sampling:
+            rollout, scores, ds_metrics = self.dynamic_sampling(step, Round(rollout, scores, raw))
+            t_ds = time.perf_counter()
+            reward_metrics.update(ds_metrics, **{"time/dynamic_sampling_s": t_ds - t2})
         policy_out = None
         if self.fused_first_forward():
             # The update's forward: train mode (gradient checkpointing is active only there), whatever mode
@@ -375,7 +427,7 @@ class PPOTrainer:
         n_tokens = float(self.runtime.sum(rollout.response_mask.sum() + rollout.prompt_mask.sum()))
         metrics = {
             **reward_metrics, **exp_metrics, **upd_metrics,
-            "time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/experience_s": t3 - t2,
+            "time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/experience_s": t3 - t_ds,
             "time/update_s": t4 - t3, "time/step_s": t4 - t0, "throughput/tokens_per_s": n_tokens / (t4 - t0),
         }
         samples = [
