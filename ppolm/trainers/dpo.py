@@ -33,8 +33,8 @@ from transformers import PreTrainedTokenizerBase
 from ppolm.algo.dpo import dpo_loss, sequence_logprobs
 from ppolm.config import CheckpointConfig, CommonConfig, LogConfig, LoraConfig, OptimConfig, save_config
 from ppolm.data.collate import apply_chat_template
-from ppolm.data.preferences import PreferencePair, demo_preferences, read_preferences, write_preferences
-from ppolm.errors import DataError, ModelLoadError
+from ppolm.data.preferences import PreferencePair
+from ppolm.errors import ModelLoadError
 from ppolm.eval.intervals import binomial_se
 from ppolm.fsdp import fsdp_requested
 from ppolm.models import load_model, load_tokenizer
@@ -42,10 +42,10 @@ from ppolm.models.policy import frozen_copy
 from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.tasks.base import DECODING_FILE, Decoding, decoding_record
 from ppolm.trainers.common import (
-    RunCheckpointer, export_model, is_lora, make_optimization, prepare_model, split_held_out, total_steps, train_loop,
+    RunCheckpointer, export_model, is_lora, make_optimization, prepare_model, total_steps, train_loop,
 )
 from ppolm.trainers.prompts import step_rows
-from ppolm.trainers.resume import data_fingerprint
+from ppolm.trainers.pair_data import load_pair_splits
 from ppolm.trainers.run_dir import prepare_output_dir
 from ppolm.trainers.sft import CompletionLogprobs, SFTBatch, SFTSequence, collate_sft, tokenize_example
 
@@ -180,29 +180,9 @@ class DPOTrainer:
             save_config(cfg, cfg.output_dir)
 
     def _load_data(self) -> tuple[list[DPOPair], list[DPOPair]]:
-        """Training and held-out pairs, tokenized, as `ppolm rm` splits them."""
-        cfg = self.cfg
-        if cfg.data is None:
-            pairs = demo_preferences(cfg.demo_pairs, seed=0, chars=cfg.demo_chars)
-            if self.runtime.is_main:  # so the demo data can be read like any other file
-                write_preferences(pairs, Path(cfg.output_dir) / "demo_preferences.jsonl")
-        else:
-            pairs = read_preferences(cfg.data)
-        if cfg.eval_data is not None:
-            train, held = pairs, read_preferences(cfg.eval_data)
-        else:
-            train, held = split_held_out(pairs, cfg.eval_fraction, cfg.seed)
-        train = train[: cfg.limit]
-        self._fingerprint = data_fingerprint([f"{p.prompt}\0{p.chosen}\0{p.rejected}" for p in train])
-        kw = dict(use_chat_template=cfg.use_chat_template, system_prompt=cfg.system_prompt, max_length=cfg.max_length)
-        train_t, dropped = tokenize_pairs(train, self.tokenizer, **kw)
-        held_t, held_dropped = tokenize_pairs(held, self.tokenizer, **kw)
-        if dropped or held_dropped:
-            print(f"dpo: dropped {dropped} training and {held_dropped} held-out pairs with a side longer than "
-                  f"max_length={cfg.max_length} tokens")
-        if not train_t:
-            raise DataError(cfg.data or "demo pairs", None, None, f"no pair fits max_length={cfg.max_length} tokens")
-        return train_t, held_t
+        train, held, self._fingerprint = load_pair_splits(self.cfg, self.tokenizer, self.runtime.is_main,
+                                                          tokenize_pairs, "dpo")
+        return train, held
 
     @torch.no_grad()
     def _reference_logps(self, batch: SFTBatch) -> torch.Tensor:

@@ -30,15 +30,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ppolm.algo.losses import pairwise_loss
 from ppolm.config import CheckpointConfig, CommonConfig, LogConfig, LoraConfig, OptimConfig, save_config
 from ppolm.data.collate import apply_chat_template, right_pad_collate
-from ppolm.data.preferences import PreferencePair, demo_preferences, read_preferences, write_preferences
-from ppolm.errors import DataError, ModelLoadError
+from ppolm.data.preferences import PreferencePair
+from ppolm.errors import ModelLoadError
 from ppolm.models import load_model, load_tokenizer
 from ppolm.models.policy import autocast_ctx
 from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.trainers.common import (
-    RunCheckpointer, export_model, make_optimization, prepare_model, split_held_out, total_steps, train_loop,
+    RunCheckpointer, export_model, make_optimization, prepare_model, total_steps, train_loop,
 )
-from ppolm.trainers.resume import data_fingerprint
+from ppolm.trainers.pair_data import load_pair_splits
 from ppolm.trainers.run_dir import prepare_output_dir
 from ppolm.trainers.prompts import step_rows
 
@@ -184,28 +184,9 @@ class RMTrainer:
             save_config(cfg, cfg.output_dir)
 
     def _load_data(self) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
-        cfg = self.cfg
-        if cfg.data is None:
-            pairs = demo_preferences(cfg.demo_pairs, seed=0, chars=cfg.demo_chars)
-            if self.runtime.is_main:  # so the demo data can be read like any other file
-                write_preferences(pairs, Path(cfg.output_dir) / "demo_preferences.jsonl")
-        else:
-            pairs = read_preferences(cfg.data)
-        if cfg.eval_data is not None:
-            train, held = pairs, read_preferences(cfg.eval_data)
-        else:
-            train, held = split_held_out(pairs, cfg.eval_fraction, cfg.seed)
-        train = train[: cfg.limit]
-        self._fingerprint = data_fingerprint([f"{p.prompt}\0{p.chosen}\0{p.rejected}" for p in train])
-        kw = dict(use_chat_template=cfg.use_chat_template, system_prompt=cfg.system_prompt, max_length=cfg.max_length)
-        train_t, dropped = tokenize_pairs(train, self.tokenizer, **kw)
-        held_t, held_dropped = tokenize_pairs(held, self.tokenizer, **kw)
-        if dropped or held_dropped:
-            print(f"rm: dropped {dropped} training and {held_dropped} held-out pairs with a side longer than "
-                  f"max_length={cfg.max_length} tokens")
-        if not train_t:
-            raise DataError(cfg.data or "demo pairs", None, None, f"no pair fits max_length={cfg.max_length} tokens")
-        return train_t, held_t
+        train, held, self._fingerprint = load_pair_splits(self.cfg, self.tokenizer, self.runtime.is_main,
+                                                          tokenize_pairs, "rm")
+        return train, held
 
     def step(self, step: int) -> dict[str, float]:
         """One optimizer step (0-based `step`) over this process's batch_size pairs, in grad_accum_steps parts."""
