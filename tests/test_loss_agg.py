@@ -20,6 +20,21 @@ X = T([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0], [100.0, 100.0, 100.0]])
 M = T([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
 
 
+def first_step_gradients(t) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Run PPO step 0 of trainer `t`; its metrics and the gradient of its first optimizer step."""
+    first: list[dict[str, torch.Tensor]] = []
+    step = t.optim.step
+
+    def spy(*args, **kwargs):
+        out = step(*args, **kwargs)  # the optimizer has stepped; .grad still holds this step's gradient
+        if not first:
+            first.append({n: p.grad.clone() for n, p in t.actor.named_parameters() if p.grad is not None})
+        return out
+
+    t.optim.step = spy
+    return t.step(0).metrics, first[0]
+
+
 def test_registry_names_the_three_modes():
     assert list(AGGREGATIONS) == MODES
     with pytest.raises(ValueError, match="allowed: token_mean, seq_mean_token_mean, seq_mean_token_sum_norm"):
@@ -141,18 +156,9 @@ def test_update_accumulation_4x1_equals_1x4(tmp_path, overrides, resolved):
         # a reward that differs between the responses of a group (the toy task's is ~0 for a random model)
         t = PPOTrainer(cfg, reward_fn=lambda prompts, completions, **rows: [len(set(c)) / 10 for c in completions])
         assert t.loss_agg == resolved
-        first: list[dict[str, torch.Tensor]] = []
-        step = t.optim.step
-
-        def spy(*args, _step=step, _t=t, _first=first, **kwargs):
-            out = _step(*args, **kwargs)  # the optimizer has stepped; .grad still holds this step's gradient
-            if not _first:
-                _first.append({n: p.grad.clone() for n, p in _t.actor.named_parameters() if p.grad is not None})
-            return out
-
-        t.optim.step = spy
-        losses.append(t.step(0).metrics)
-        grads.append(first[0])
+        metrics, grad = first_step_gradients(t)
+        losses.append(metrics)
+        grads.append(grad)
     assert grads[0].keys() == grads[1].keys() and grads[0]
     assert losses[0]["loss/policy"] != 0.0
     scale = max(float(g.abs().max()) for g in grads[0].values())

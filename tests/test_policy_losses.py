@@ -15,6 +15,7 @@ from ppolm.rewards.overlong import overlong_penalty
 from ppolm.trainers.dynamic_sampling import (REFILL_STREAM, Round, concat_rollouts, fill_batch, refill_rows,
                                              refill_streams, varied_groups)
 from ppolm.types import Rollout
+from test_loss_agg import first_step_gradients  # the first optimizer step's gradient of a trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 T = torch.tensor
@@ -269,18 +270,9 @@ def test_update_accumulation_4x1_equals_1x4(tmp_path, variant):
         t = _trainer(tmp_path / str(accum), *GROUPS, f"algo.policy_loss={variant}", "ppo.epochs=1",
                      "ppo.fuse_first_forward=false", f"ppo.grad_accum_steps={accum}", "algo.clip_eps_low=0.2",
                      "algo.clip_eps_high=0.2")
-        first: list[dict[str, torch.Tensor]] = []
-        step = t.optim.step
-
-        def spy(*args, _step=step, _t=t, _first=first, **kwargs):
-            out = _step(*args, **kwargs)  # the optimizer has stepped; .grad still holds this step's gradient
-            if not _first:
-                _first.append({n: p.grad.clone() for n, p in _t.actor.named_parameters() if p.grad is not None})
-            return out
-
-        t.optim.step = spy
-        losses.append(t.step(0).metrics)
-        grads.append(first[0])
+        metrics, grad = first_step_gradients(t)
+        losses.append(metrics)
+        grads.append(grad)
     assert grads[0].keys() == grads[1].keys() and grads[0]
     scale = max(float(g.abs().max()) for g in grads[0].values())
     assert scale > 0
