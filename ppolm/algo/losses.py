@@ -51,10 +51,16 @@ def policy_loss(
     diagnostics, which are token means whatever agg is).
     """
     log_ratio = (logprobs.float() - old_logprobs.float()).clamp(-log_ratio_clamp, log_ratio_clamp)
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
+    return clipped_surrogate(torch.exp(log_ratio), log_ratio, advantages, response_mask, clip_eps, high, agg, norm)
+
+
+def clipped_surrogate(ratio: torch.Tensor, log_ratio: torch.Tensor, advantages: torch.Tensor,
+                      response_mask: torch.Tensor, low: float, high: float, agg: str, norm: float | None) -> PolicyLossOut:
+    """agg( max(-A * ratio, -A * clip(ratio, 1 - low, 1 + high)) ) and its diagnostics, for a token ratio (PPO) or a
+    sequence ratio broadcast over its tokens (GSPO). log_ratio: the token log-ratios (for approx_kl). All (B, R)."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
     loss = agg_loss(torch.maximum(unclipped, clipped), response_mask, agg, norm)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), response_mask)

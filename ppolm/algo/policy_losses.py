@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ppolm.algo.aggregation import agg_loss
-from ppolm.algo.losses import PolicyLossOut, policy_loss
+from ppolm.algo.losses import PolicyLossOut, clipped_surrogate, policy_loss
 from ppolm.ops import masked_mean
 
 
@@ -63,14 +63,7 @@ def gspo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     seq_log_ratio = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
     lp = logprobs.float()
     seq_ratio = torch.exp(lp - lp.detach() + seq_log_ratio.detach().unsqueeze(-1))  # (B, R), value s_i per row
-    unclipped = -advantages * seq_ratio
-    clipped = -advantages * torch.clamp(seq_ratio, 1.0 - clip_low, 1.0 + clip_high)
-    loss = agg_loss(torch.maximum(unclipped, clipped), response_mask, agg, norm)
-    with torch.no_grad():
-        clipfrac = masked_mean((clipped > unclipped).float(), response_mask)
-        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, response_mask)
-        ratio_mean = masked_mean(seq_ratio, response_mask)
-    return PolicyLossOut(loss, clipfrac, approx_kl, ratio_mean)
+    return clipped_surrogate(seq_ratio, log_ratio, advantages, response_mask, clip_low, clip_high, agg, norm)
 
 
 def cispo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
