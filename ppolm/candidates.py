@@ -123,7 +123,7 @@ class Evaluator:
         (its check at `step`, or at the step of the handed-on best/ or final/) on these same rows: those
         numbers are taken from its metrics.jsonl; only a model without such a check is evaluated here."""
         c = Candidate(name, model_dir, {}, train_seconds, 0.0, run_dir=run_dir)
-        took = f" ({train_seconds:.0f} s training)" if run_dir else ""
+        took = f" ({train_seconds:.0f} s training)" if train_seconds > 0 else ""
         if not self.val:
             return c
         logged = None

@@ -257,9 +257,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     def validate_base(run_dir: Path | None) -> None:
         """The base model's validation: the step-0 check of the first stage trained from it, else measured."""
         if not candidates[0].validation:
-            _say("3/7 validate the base model")
             candidates[0] = evaluator.validate("base", base_dir, None, 0.0, None if run_dir is None else str(run_dir),
                                                step=0)
+
+    _say("3/7 validate the base model: the step-0 check of the first stage trained from it, on the same rows")
 
     starts = {"base": base_dir}
     if cfg.stages.sft:

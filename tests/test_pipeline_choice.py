@@ -119,3 +119,23 @@ def test_evaluations_run_on_the_machine_device(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         cands.evaluate_model(cfg, task, "tiny-random-llama", {"x": task.load_all(None)[:2]}, None)
     assert seen["device"].type == "meta" and seen["amp"].type == "meta"
+
+
+def test_report_verdicts_count_a_difference_only_beyond_its_noise():
+    from ppolm.eval.report import comparisons
+
+    def cand(name, acc, se, unseen):
+        c = Candidate(name, name, {"accuracy": acc, "accuracy_se": se}, 0.0, 0.0)
+        c.extra = {"unseen": {"accuracy": unseen, "accuracy_se": se}}
+        return c
+
+    # SFT->PPO +0.007 / +0.033 over SFT with se ~0.02 each: within the noise, not "better"
+    lines = comparisons([cand("sft", 0.920, 0.022, 0.933), cand("sft-ppo", 0.927, 0.021, 0.967),
+                         cand("base", 0.68, 0.038, 0.613), cand("ppo", 0.90, 0.025, 0.90)], "accuracy")
+    assert lines[0].startswith("PPO vs the base model: +0.220 ± 0.089 accuracy on the test split")
+    assert lines[0].endswith("-- better on every set.")
+    assert lines[1].endswith("-- not better on any set (every difference within the noise).")
+    # without standard errors every positive difference counts, as before
+    plain = comparisons([Candidate("base", "b", {"accuracy": 0.5}, 0, 0), Candidate("ppo", "p", {"accuracy": 0.6}, 0, 0)],
+                        "accuracy")
+    assert plain == ["PPO vs the base model: +0.100 accuracy on the test split -- better on every set."]

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display on servers or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ppolm.eval.intervals import Z_95  # noqa: E402
+from ppolm.eval.intervals import Z_95, diff_se  # noqa: E402
 
 CURVES = [("reward/mean", "reward"), ("objective/kl", "KL to reference"), ("policy/entropy", "entropy"),
           ("response/length_mean", "response length"), ("loss/value", "value loss")]
@@ -195,9 +195,11 @@ def metrics_table(candidates, extra_set: str | None = None) -> tuple[list[str], 
     return header, rows
 
 
-def comparisons(candidates, metric: str, higher_is_better: bool = True) -> list[str]:
+def comparisons(candidates, metric: str, higher_is_better: bool = True, z: float = 2.0) -> list[str]:
     """Plain sentences: each RL stage against where it started (PPO vs base, SFT->PPO vs SFT), on the test
-    split and on every extra set, saying outright when it is not better anywhere."""
+    split and on every extra set, each difference with its 95% interval (where the metrics carry a standard
+    error); a difference counts as better or worse only beyond z standard errors of the difference, and the
+    sentence says outright when it is not better anywhere."""
     by_name = {c.name: c for c in candidates}
     lines = []
     for name, start, label in (("ppo", "base", "PPO vs the base model"), ("sft-ppo", "sft", "SFT->PPO vs SFT")):
@@ -209,13 +211,18 @@ def comparisons(candidates, metric: str, higher_is_better: bool = True) -> list[
                                                                      for k in a.extra]]:
             x, y = of(a).get(metric), of(b).get(metric)
             if isinstance(x, (int, float)) and isinstance(y, (int, float)):
-                diffs.append((set_name, (x - y) if higher_is_better else (y - x)))
+                se = diff_se(of(a).get(f"{metric}_se"), of(b).get(f"{metric}_se"))
+                diffs.append((set_name, (x - y) if higher_is_better else (y - x), se))
         if not diffs:
             continue
-        text = ", ".join(f"{d:+.3f} {metric} on the {n}" if n == "test split" else f"{d:+.3f} on {n}"
-                         for n, d in diffs)
-        verdict = ("better on every set" if all(d > 0 for _, d in diffs) else
-                   "not better on any set" if all(d <= 0 for _, d in diffs) else "better on some sets only")
+        text = ", ".join((f"{d:+.3f}" + (f" ± {Z_95 * se:.3f}" if se else "")
+                          + (f" {metric} on the {n}" if n == "test split" else f" on {n}")) for n, d, se in diffs)
+        better = [d > z * se for _, d, se in diffs]
+        worse = [-d > z * se for _, d, se in diffs]
+        verdict = ("better on every set" if all(better) else
+                   "not better on any set" if not any(better) and any(worse) else
+                   "not better on any set (every difference within the noise)" if not any(better) else
+                   "better on some sets only")
         lines.append(f"{label}: {text} -- {verdict}.")
     return lines
 
