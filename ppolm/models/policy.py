@@ -290,13 +290,20 @@ def apply_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float, tar
 
 @contextlib.contextmanager
 def lora_merged_for_generation(model: nn.Module, dtype: torch.dtype | None = None):
-    """While generating: each LoRA linear layer's base weight becomes W + scale * B @ A (a new tensor; W itself
-    is kept) and the adapters are disabled, so a decode step runs one matmul per layer instead of three (the
-    unmerged LoRA decode was 2.1x slower than the full model's on the embedded model, docs/bench.md). On exit
-    the original W tensors come back untouched: unlike peft's merge/unmerge (W + d - d), no rounding drift
+    """While generating, decode with the policy that is scored and trained, at the cost of one matmul per layer.
+
+    fp32 (dtype None or fp32): each LoRA linear layer's base weight becomes W + scale * B @ A (a new tensor; W
+    itself is kept) and the adapters are disabled, so a decode step runs one matmul per layer instead of three
+    (the unmerged LoRA decode was 2.1x slower than the full model's on the embedded model, docs/bench.md); the
+    merged forward equals the adapters' to fp32 rounding (2e-8 nats of KL per token).
+    bf16/fp16 (the autocast dtype): W is cast to it once and the adapters stay on. Merging there would round
+    W + d to bf16, and a young adapter's d is below half a bf16 ulp of W: the rollout then sampled from the base
+    model (KL 0.0021 nats per token from the scored policy against the 6e-6 the adapters had learned,
+    docs/results.md), so the samples did not carry what the update had learned. Casting once keeps the saving
+    that matters (autocast caches casts only for weights that require grad, so frozen base weights were cast
+    again at every decode step) and gives the scored policy's numbers: bf16(W) x + scale * B A x.
+    On exit the original W tensors come back untouched: unlike peft's merge/unmerge (W + d - d), no rounding drift
     reaches the base weights, which are the reference and are not checkpointed, so resume stays bit-exact.
-    dtype: the autocast dtype the generation runs under; the merged weights are made in it once (autocast
-    caches its casts only for weights that require grad, so frozen base weights would be cast at every step).
     Models without LoRA, or with LoRA layers other than plain linear ones (DoRA, LoRA bias, embeddings), are
     left as they are."""
     if not hasattr(model, "disable_adapter"):  # not a peft model (and peft is not imported for it)
@@ -312,15 +319,22 @@ def lora_merged_for_generation(model: nn.Module, dtype: torch.dtype | None = Non
     if not plain:
         yield
         return
+    merge = dtype is None or dtype == torch.float32
     kept = []
     try:
         with torch.no_grad():
             for m in layers:
                 weight = m.get_base_layer().weight
-                delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
                 kept.append((weight, weight.data))
-                weight.data = (weight.data + delta.to(weight.dtype)).to(dtype or weight.dtype)
-        with model.disable_adapter():
+                if merge:
+                    delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
+                    weight.data = (weight.data + delta.to(weight.dtype)).to(dtype or weight.dtype)
+                else:
+                    weight.data = weight.data.to(dtype)
+        if merge:
+            with model.disable_adapter():
+                yield
+        else:
             yield
     finally:
         for weight, data in kept:
