@@ -84,16 +84,21 @@ def rm_dir(model_name: str, root: Path) -> str:
     return str(out)
 
 
+def ppolm_trainer_overrides(model: str, rm: str, steps: int, R: int, out_dir: Path) -> list[str]:
+    """The config overrides of a ppolm side (before its own and --set's): also what bench/plan_check.py plans."""
+    return [
+        f"model={model}", f"output_dir={out_dir}", "task.name=toy", "task.options.prompt_words=30",
+        f"rollout.batch_size={B}", f"rollout.max_new_tokens={R}", f"rollout.min_new_tokens={R}",
+        "ppo.minibatch_size=8", "log.progress=false", "log.tensorboard=false", f"reward.model={rm}",
+        "optim.lr=1e-6", f"max_steps={steps + 1}", "checkpoint.every=0",
+    ]
+
+
 def ppolm_trainer(model: str, rm: str, steps: int, R: int, out_dir: Path, extra: tuple[str, ...] = ()):
     from ppolm.config import PPORunConfig, load_config
     from ppolm.trainers.ppo import PPOTrainer
 
-    cfg = load_config(PPORunConfig, None, [
-        f"model={model}", f"output_dir={out_dir}", "task.name=toy", "task.options.prompt_words=30",
-        f"rollout.batch_size={B}", f"rollout.max_new_tokens={R}", f"rollout.min_new_tokens={R}",
-        "ppo.minibatch_size=8", "log.progress=false", "log.tensorboard=false", f"reward.model={rm}",
-        "optim.lr=1e-6", f"max_steps={steps + 1}", "checkpoint.every=0", *extra,
-    ])
+    cfg = load_config(PPORunConfig, None, [*ppolm_trainer_overrides(model, rm, steps, R, out_dir), *extra])
     return PPOTrainer(cfg)
 
 

@@ -96,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--tokenizer", default=None, help="model name whose tokenizer gives token lengths")
 
     sub.add_parser("models", help="list the models that can be loaded here")
+
+    pl = sub.add_parser("plan", help="predicted peak memory of a PPO config per process and layout, and the fastest "
+                        "settings that fit (model configs only, no weights)")
+    pl.add_argument("config", nargs="?", help="PPO YAML config")
+    pl.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
+    pl.add_argument("--launch", default=None, help="accelerate config file of the launch (default: 1 process)")
+    pl.add_argument("--memory", default=None, help="memory per process, e.g. 24GiB, 500MiB or bytes "
+                    "(default: what this machine has available)")
+    pl.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="plan for this device kind")
+    pl.add_argument("--prompt-tokens", type=int, default=None,
+                    help="prompt width (default: the longest prompt of the config's training data)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
 
@@ -190,6 +202,8 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return _run_serve(args)
     if args.command == "export":
         return _run_export(args)
+    if args.command == "plan":
+        return _load("ppolm.plan_report:plan_command")(args)
     parser.print_usage(sys.stderr)
     print("error: a command is required (ppolm --help lists them)", file=sys.stderr)
     return 2

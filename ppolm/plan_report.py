@@ -1,0 +1,181 @@
+"""`ppolm plan` and `gradient_checkpointing: auto`: the planner's numbers for a PPO config, as a table or JSON, and
+the fastest checkpointing mode that fits the memory budget, chosen before any model loads."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+
+from ppolm.plan import GiB, LAYOUT_KINDS, MODES, Layout, choose, peak_of
+from ppolm.plan_inputs import (
+    available_memory, layout_from_file, layout_of_launch, longest_prompt, model_shape, parse_memory, workload,
+)
+
+COMPONENT_ORDER = ("libraries", "allocator_slack", "policy_weights", "reference", "critic", "reward_model",
+                   "optimizer_moments", "layout_buffers", "gradients", "activations", "logits", "gathered_weights",
+                   "rollout_kv_cache", "train_phase")
+
+
+def mode_name(mode: bool | str) -> str:
+    """The config spelling of a checkpointing mode: false, selective, true."""
+    return {False: "false", True: "true"}.get(mode, str(mode))  # type: ignore[arg-type]
+
+
+def build_plan(cfg, *, launch: str | None = None, memory: int | None = None, device: str = "cpu",
+               prompt_tokens: int | None = None) -> dict:
+    """The plan of PPO config `cfg` as a JSON-ready dict: per layout (1 process, DDP, FSDP2, ZeRO-2, ZeRO-3 on the
+    launch's process count, 2 without --launch) the components and `peak_bytes` at each checkpointing mode; the
+    budget; the fastest settings that fit it on the launched layout (`recommendation`, null when none does)."""
+    import torch
+
+    from ppolm.runtime import autocast_dtype
+
+    shape = model_shape(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    rm = model_shape(cfg.reward.model, kind="seqcls") if cfg.reward.model else None
+    amp = autocast_dtype(cfg.precision, torch.device(device)) is not None
+    prompt = prompt_tokens if prompt_tokens is not None else longest_prompt(cfg)
+    w = workload(cfg, shape, prompt, device, amp, rm)
+    launched = layout_from_file(launch)
+    n = launched.processes if launched.processes > 1 else 2
+    mode = cfg.gradient_checkpointing
+    layouts = {}
+    for kind in LAYOUT_KINDS:
+        layout = Layout(kind, 1 if kind == "single" else n)
+        by_mode = {mode_name(m): peak_of(shape, w, layout, m) for m in MODES}
+        shown = by_mode[mode_name(mode)] if mode != "auto" else by_mode["selective"]
+        layouts[layout.name] = {
+            "processes": layout.processes, "components": shown[1], "peak_bytes": shown[0],
+            "peak_bytes_by_mode": {k: v[0] for k, v in by_mode.items()},
+            "activations_by_mode": {k: v[1]["activations"] for k, v in by_mode.items()},
+        }
+    budget = memory if memory is not None else available_memory(device, launched.processes)
+    p = cfg.ppo
+    fused = p.fuse_first_forward and p.epochs == 1 and p.grad_accum_steps == 1 and p.minibatch_size == w.rows
+    pick = choose(shape, w, launched, budget, p.minibatch_size, fused) if budget else None
+    rec = None
+    if pick is not None:
+        m, micro = pick
+        rows = w.rows if fused and micro == p.minibatch_size else micro
+        rec = {"layout": launched.name, "gradient_checkpointing": mode_name(m), "micro_batch_rows": micro,
+               "grad_accum_steps": p.minibatch_size // micro,
+               "peak_bytes": peak_of(shape, replace(w, micro_rows=rows), launched, m)[0]}
+    return {"model": cfg.model, "device": device, "workload": asdict(w) | {"reward_model": bool(rm)},
+            "shape": asdict(shape), "gradient_checkpointing": mode_name(mode), "launch": launched.name,
+            "budget_bytes": budget, "budget_source": "--memory" if memory is not None else "available",
+            "layouts": layouts, "recommendation": rec,
+            "peak_bytes": layouts[launched.name]["peak_bytes"]}
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as a table: one column per layout, one row per component (GiB), the peak at each mode."""
+    w, names = plan["workload"], list(plan["layouts"])
+    n = plan["layouts"][names[-1]]["processes"]
+    shown = plan["gradient_checkpointing"] if plan["gradient_checkpointing"] != "auto" else "selective"
+    lines = [f"ppolm plan: {plan['model']} on {plan['device']}, {w['rows']} rows x ({w['prompt_tokens']} prompt + "
+             f"{w['response_tokens']} response) tokens a step per process, training forward over {w['micro_rows']} "
+             f"rows, {'bf16 autocast' if w['amp'] else 'fp32'}; GiB per process (multi-process layouts: {n})",
+             f"{'component':28s}" + "".join(f"{k:>11s}" for k in names)]
+    for c in COMPONENT_ORDER:
+        vals = [plan["layouts"][k]["components"][c] for k in names]
+        if any(vals):
+            label = f"{c} ({shown})" if c in ("activations", "train_phase") else c
+            lines.append(f"{label:28s}" + "".join(f"{v / GiB:11.2f}" for v in vals))
+    for m in ("false", "selective", "true"):
+        lines.append(f"{'activations ' + m:28s}" + "".join(
+            f"{plan['layouts'][k]['activations_by_mode'][m] / GiB:11.2f}" for k in names))
+    for m in ("false", "selective", "true"):
+        lines.append(f"{'peak, checkpointing ' + m:28s}" + "".join(
+            f"{plan['layouts'][k]['peak_bytes_by_mode'][m] / GiB:11.2f}" for k in names))
+    budget = plan["budget_bytes"]
+    where = f"budget {budget / GiB:.2f} GiB ({plan['budget_source']})" if budget else "budget unknown (use --memory)"
+    rec = plan["recommendation"]
+    if rec is None:
+        lines.append(f"{where}: nothing fits on {plan['launch']} (fewer rows, LoRA, or more processes with FSDP2)")
+    else:
+        lines.append(f"{where}: fastest that fits on {rec['layout']}: gradient_checkpointing={rec['gradient_checkpointing']}"
+                     f", micro-batches of {rec['micro_batch_rows']} rows (ppo.grad_accum_steps={rec['grad_accum_steps']})"
+                     f", peak {rec['peak_bytes'] / GiB:.2f} GiB")
+    return "\n".join(lines)
+
+
+def plan_command(args) -> int:
+    """`ppolm plan CONFIG [key=value ...] [--launch FILE] [--memory SIZE] [--device cpu|cuda] [--json]`."""
+    from ppolm.config import PPORunConfig, load_config
+
+    overrides = list(args.overrides)
+    path = args.config
+    if path and "=" in path:
+        overrides.insert(0, path)
+        path = None
+    memory = parse_memory(args.memory) if args.memory is not None else None
+    cfg = load_config(PPORunConfig, path, overrides)
+    plan = build_plan(cfg, launch=args.launch, memory=memory, device=args.device, prompt_tokens=args.prompt_tokens)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def resolve_checkpointing(cfg, runtime, prompt_tokens: int) -> bool | str:
+    """`gradient_checkpointing: auto` of a PPO run, before any model loads: False when the plan's peak with
+    everything kept fits the memory available to this process (or the device's), else the cheapest mode that
+    fits ('selective', then True; True when none does: the run then needs fewer rows). A resumed run takes the
+    value its first run resolved (output_dir/config.yaml), so the checkpoint's fingerprint still matches. The
+    main process decides for every process (they must agree). Any other value is returned as it is."""
+    mode = cfg.gradient_checkpointing
+    if mode != "auto":
+        return mode
+    saved = saved_mode(cfg.output_dir) if cfg.resume else None
+    if saved is not None:
+        return saved
+    device = runtime.device.type
+    budget = available_memory(device, _local_processes(runtime.world_size))
+    picked: bool | str = "selective"  # where no budget can be read: today's default
+    if budget:
+        shape = model_shape(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        rm = model_shape(cfg.reward.model, kind="seqcls") if cfg.reward.model else None
+        import torch
+
+        from ppolm.runtime import autocast_dtype
+
+        amp = autocast_dtype(cfg.precision, torch.device(device)) is not None
+        w = workload(cfg, shape, prompt_tokens, device, amp, rm)
+        layout = layout_of_launch(runtime.world_size)
+        picked = next((m for m in MODES if peak_of(shape, w, layout, m)[0] <= budget), True)
+    return runtime.from_main(picked)
+
+
+def _local_processes(world_size: int) -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
+def saved_mode(output_dir: str) -> bool | str | None:
+    """The gradient_checkpointing an earlier run in output_dir resolved (its config.yaml), None if none."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(output_dir) / "config.yaml"
+    try:
+        value = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("gradient_checkpointing")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return value if value in MODES else None
+
+
+def settle_checkpointing(cfg, runtime, prompt_tokens: int | None = None):
+    """A copy of run config `cfg` whose gradient_checkpointing is no longer 'auto' (what config.yaml then records),
+    with one line on the main process saying what 'auto' became. PPO configs (`prompt_tokens` given) are planned
+    (`resolve_checkpointing`); SFT, RM and DPO, which the planner does not model yet, take 'selective' (the
+    default before 'auto')."""
+    if cfg.gradient_checkpointing != "auto":
+        return cfg
+    if prompt_tokens is None:
+        mode, why = "selective", "SFT/RM/DPO are not planned yet: the previous default"
+    else:
+        mode, why = resolve_checkpointing(cfg, runtime, prompt_tokens), "the memory plan (ppolm plan) against the " \
+            "memory available" + (" (kept from the run being resumed)" if cfg.resume and saved_mode(cfg.output_dir)
+                                   is not None else "")
+    if runtime.is_main:
+        print(f"gradient_checkpointing: auto -> {mode_name(mode)} ({why}; recorded in config.yaml)")
+    return cfg.model_copy(update={"gradient_checkpointing": mode})
