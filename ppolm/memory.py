@@ -98,6 +98,8 @@ def enable_activation_checkpointing(model: torch.nn.Module, mode: bool | str) ->
     """
     if mode is False:
         return
+    if mode not in (True, "selective"):  # ('auto' is resolved by the trainer, before the model is built)
+        raise ValueError(f"gradient_checkpointing {mode!r}: expected False, True or 'selective' here")
     kwargs: dict = {"use_reentrant": False}
     if mode == "selective":
         import functools

@@ -162,7 +162,7 @@ def _backward_ops(mode, amp) -> tuple[torch.Tensor, dict[str, torch.Tensor], col
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 def test_selective_checkpointing_gives_bitwise_equal_logprobs_and_gradients(amp):
-    """gradient_checkpointing='selective' (the default): the backward recomputes the elementwise ops of each layer
+    """gradient_checkpointing='selective': the backward recomputes the elementwise ops of each layer
     (SiLU, the norms' rsqrt) from its kept matmul outputs, and runs no more matmuls than without checkpointing
     (full checkpointing runs each layer's matmuls again); log-probs and every gradient equal bit for bit."""
     want, expected, plain_ops = _backward_ops(False, amp)
@@ -187,11 +187,12 @@ def test_selective_checkpointing_leaves_a_model_without_checkpointing_support_as
         memory.enable_activation_checkpointing(model, True)
 
 
-def test_gradient_checkpointing_takes_false_true_or_selective():
+def test_gradient_checkpointing_takes_false_true_selective_or_auto():
     from ppolm.errors import ConfigError
 
     base = ["model=tiny-random-llama", "output_dir=unused"]
-    assert load_config(PPORunConfig, None, base).gradient_checkpointing == "selective"
+    assert load_config(PPORunConfig, None, base).gradient_checkpointing == "auto"  # resolved at start (ppolm.plan_report)
+    assert load_config(PPORunConfig, None, base + ["gradient_checkpointing=selective"]).gradient_checkpointing == "selective"
     assert load_config(PPORunConfig, None, base + ["gradient_checkpointing=true"]).gradient_checkpointing is True
     assert load_config(PPORunConfig, None, base + ["gradient_checkpointing=false"]).gradient_checkpointing is False
     with pytest.raises(ConfigError, match="gradient_checkpointing"):

@@ -39,6 +39,7 @@ from ppolm.eval.intervals import binomial_se
 from ppolm.fsdp import fsdp_requested
 from ppolm.models import load_model, load_tokenizer
 from ppolm.models.policy import frozen_copy
+from ppolm.plan_report import settle_checkpointing
 from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.tasks.base import DECODING_FILE, Decoding, decoding_record
 from ppolm.trainers.common import (
@@ -145,6 +146,7 @@ class DPOTrainer:
     def __init__(self, config: DPORunConfig, runtime: Runtime | None = None):
         self.cfg = cfg = config
         self.runtime = runtime or Runtime()
+        self.cfg = cfg = settle_checkpointing(cfg, self.runtime)  # 'auto' -> 'selective' here
         self.amp = autocast_dtype(cfg.precision, self.runtime.device)
         self.average = cfg.loss_type == "ipo"  # IPO on per-token mean log-probs (ppolm/algo/dpo.py)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)

@@ -33,6 +33,7 @@ from ppolm.data.collate import left_pad_collate
 from ppolm.models import load_model, load_tokenizer
 from ppolm.models.policy import lora_merged_for_generation
 from ppolm.ops import masked_mean
+from ppolm.plan_report import settle_checkpointing
 from ppolm.rewards.compose import RewardFn, Scorer, resolve_reward_function
 from ppolm.rewards.overlong import overlong_penalty
 from ppolm.rollout import generate
@@ -92,6 +93,8 @@ class PPOTrainer:
         self.clip_low, self.clip_high = resolve_clip(cfg.algo.policy_loss, cfg.ppo.clip_eps, cfg.algo.clip_eps_low,
                                                      cfg.algo.clip_eps_high)
         self.loss_agg = cfg.loss.agg or self.policy_loss.loss_agg or self.estimator.loss_agg
+        # 'auto' checkpointing: the memory plan decides before any model loads (ppolm.plan_report)
+        self.cfg = cfg = settle_checkpointing(cfg, self.runtime, max(map(len, self.prompts.token_ids)))
         self.actor, self.reference = build_actor_critic(cfg, self.amp)
         self.actor.to(self.runtime.device)
         if self.reference is not None:

@@ -34,6 +34,7 @@ from ppolm.data.preferences import PreferencePair
 from ppolm.errors import ModelLoadError
 from ppolm.models import load_model, load_tokenizer
 from ppolm.models.policy import autocast_ctx
+from ppolm.plan_report import settle_checkpointing
 from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.trainers.common import (
     RunCheckpointer, export_model, make_optimization, prepare_model, total_steps, train_loop,
@@ -154,6 +155,7 @@ class RMTrainer:
     def __init__(self, config: RMRunConfig, runtime: Runtime | None = None):
         self.cfg = cfg = config
         self.runtime = runtime or Runtime()
+        self.cfg = cfg = settle_checkpointing(cfg, self.runtime)  # 'auto' -> 'selective' here
         self.amp = autocast_dtype(cfg.precision, self.runtime.device)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         train_pairs, self.eval_pairs = self._load_data()

@@ -33,6 +33,7 @@ from ppolm.errors import DataError, ModelLoadError
 from ppolm.models import load_model, load_tokenizer
 from ppolm.models.policy import autocast_ctx, token_logprobs
 from ppolm.rollout import position_ids_from_mask
+from ppolm.plan_report import settle_checkpointing
 from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.tasks import Example, Task, build_task
 from ppolm.tasks.base import DECODING_FILE, decoding_record
@@ -240,6 +241,7 @@ class SFTTrainer:
         self.task = task or build_task(cfg.task.name, cfg.task.options)  # options validated before any model loads
         self.task_name = cfg.task.name if task is None else task.name
         self.runtime = runtime or Runtime()
+        self.cfg = cfg = settle_checkpointing(cfg, self.runtime)  # 'auto' -> 'selective' here
         self.amp = autocast_dtype(cfg.precision, self.runtime.device)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         if self.tokenizer.eos_token_id is None:
