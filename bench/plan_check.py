@@ -35,7 +35,7 @@ def predicted(overrides: list[str], launch: str | None, config: str | None = Non
 
     cfg = load_config(PPORunConfig, config, overrides)
     plan = build_plan(cfg, launch=launch, memory=1 << 50)
-    mode = plan["gradient_checkpointing"] if plan["gradient_checkpointing"] != "auto" else "false"
+    mode = plan["gradient_checkpointing"]
     return plan["layouts"][plan["launch"]]["peak_bytes_by_mode"][mode] / GIB, mode
 
 
@@ -58,8 +58,8 @@ def step_rows(model: str, responses: list[int], modes: list[str], steps: int) ->
     return rows
 
 
-def scale_rows(model: str, layouts: list[str], steps: int) -> list[tuple]:
-    """(label, predicted GiB, measured GiB) for bench/scale.py's layouts."""
+def scale_rows(model: str, layouts: list[str], steps: int, mode: str) -> list[tuple]:
+    """(label, predicted GiB, measured GiB) for bench/scale.py's layouts at checkpointing `mode`."""
     import scale
 
     rows = []
@@ -67,7 +67,8 @@ def scale_rows(model: str, layouts: list[str], steps: int) -> list[tuple]:
         for key in layouts:
             name, launch, n_rows = SCALE_LAYOUTS[key]
             over = ["log.progress=false", "eval.every=0", "guard.max_drop=null", "guard.collapse_share=null",
-                    "precision=fp32", f"model={model}", f"rollout.batch_size={n_rows}", f"ppo.minibatch_size={n_rows}"]
+                    "precision=fp32", f"model={model}", f"rollout.batch_size={n_rows}", f"ppo.minibatch_size={n_rows}",
+                    f"gradient_checkpointing={mode}"]
             os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # as scale.py sets it in its processes (the planner reads it)
             try:
                 pred, mode = predicted(over, str(ROOT / "configs/accelerate" / launch) if launch else None,
@@ -76,7 +77,8 @@ def scale_rows(model: str, layouts: list[str], steps: int) -> list[tuple]:
                 os.environ.pop("MALLOC_MMAP_THRESHOLD_")
             out = Path(tmp) / key
             out.mkdir()
-            meas = scale.run_layout(launch, n_rows, model, steps, out, 65536)["peak_mb"] / 1024
+            meas = scale.run_layout(launch, n_rows, model, steps, out, 65536,
+                                    (f"gradient_checkpointing={mode}",))["peak_mb"] / 1024
             rows.append((f"scale {name} {mode}", pred, meas))
             print(f"{rows[-1][0]:34s} predicted {pred:6.2f} GiB  measured {meas:6.2f} GiB  "
                   f"{100 * (pred / meas - 1):+6.1f}%", flush=True)
@@ -90,12 +92,13 @@ def main() -> None:
     ap.add_argument("--modes", default="false,selective,true")
     ap.add_argument("--layouts", default="", help="bench/scale.py layouts to measure: 1,ddp,fsdp2,zero2,zero3")
     ap.add_argument("--steps", type=int, default=1, help="measured steps after the warm-up step")
+    ap.add_argument("--layout-mode", default="selective", help="gradient_checkpointing of the layout rows")
     a = ap.parse_args()
     rows = []
     if a.responses:
         rows += step_rows(a.model, [int(r) for r in a.responses.split(",")], a.modes.split(","), a.steps)
     if a.layouts:
-        rows += scale_rows(a.model, a.layouts.split(","), max(a.steps, 2))
+        rows += scale_rows(a.model, a.layouts.split(","), max(a.steps, 2), a.layout_mode)
     print("\n| run | predicted GiB | measured GiB | error |\n| --- | ---: | ---: | ---: |")
     for label, pred, meas in rows:
         print(f"| {label} | {pred:.2f} | {meas:.2f} | {100 * (pred / meas - 1):+.1f}% |")

@@ -54,13 +54,15 @@ def worker(out: Path, overrides: list[str]) -> None:
     (out / f"bench-rank{rank}.json").write_text(json.dumps({"peak_mb": peak_mb, "tokens_per_s": rates[1:] or rates}))
 
 
-def run_layout(config: str | None, rows: int, model: str, steps: int, out: Path, mmap_threshold: int) -> dict:
+def run_layout(config: str | None, rows: int, model: str, steps: int, out: Path, mmap_threshold: int,
+               extra: tuple[str, ...] = ()) -> dict:
+    """Run one layout; `extra`: more config overrides (bench/plan_check.py sets gradient_checkpointing)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "PPOLM_BENCH_STEPS": str(steps),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     args = [str(Path(__file__).resolve()), "--worker", str(out), f"model={model}", f"rollout.batch_size={rows}",
-            f"ppo.minibatch_size={rows}"]
+            f"ppo.minibatch_size={rows}", *extra]
     if config is None:
         cmd = [sys.executable, *args]
     else:

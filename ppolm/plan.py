@@ -23,12 +23,14 @@ LAYOUT_KINDS = ("single", "ddp", "fsdp2", "zero2", "zero3")
 # bf16 autocast, False: the two norms keep their fp32 input and output (16H), the bf16 input casts of q/k/v and
 # gate/up (10H), q, the attention output and o_proj's input (6H), k and v (4 KV), gate, SiLU, up and the
 # product (8I). selective keeps the matmul and attention outputs (q, k, v, attention, o_proj, down: 8H + 4 KV;
-# gate, up: 4I) and the layer's fp32 input (4H). True keeps the layer's fp32 input (4H). fp32 doubles the
-# saved matmul outputs and drops the casts. Measured by bench/activations.py on the embedded model (bf16:
-# 30,633 / 14,111 / 2,555 bytes per token per layer against 31,488 / 13,824 / 2,304 from these).
+# gate, up: 4I) and the layer's fp32 input (4H). True keeps the layer's fp32 input (4H). In fp32 there are no
+# casts, the norms' weighted outputs are the linear inputs (8H) and every saved matmul output takes 4 bytes:
+# False 32H + 8 KV + 16I, selective 20H + 8 KV + 8I. Measured by bench/activations.py on the embedded model,
+# bytes per token per layer: bf16 30,633 / 14,111 / 2,555 (these give 31,488 / 13,824 / 2,304), fp32
+# 44,839 / 25,628 / 2,553 (44,544 / 25,344 / 2,304).
 ACT_COEF: dict[tuple[bool | str, bool], tuple[float, float, float]] = {
     (False, True): (32.0, 4.0, 8.0), ("selective", True): (16.0, 4.0, 4.0), (True, True): (4.0, 0.0, 0.0),
-    (False, False): (36.0, 8.0, 16.0), ("selective", False): (24.0, 8.0, 8.0), (True, False): (4.0, 0.0, 0.0),
+    (False, False): (32.0, 8.0, 16.0), ("selective", False): (20.0, 8.0, 8.0), (True, False): (4.0, 0.0, 0.0),
 }
 LOGIT_CHUNK_ROWS = 512  # ppolm.models.policy.LOGIT_CHUNK_ROWS: response rows of fp32 logits made at once
 # Live full-vocabulary fp32 tensors (rows, V) at the LM head's backward: the logits, their softmax and their
