@@ -76,6 +76,9 @@ class Layout:
 
     kind: str
     processes: int
+    zero3_live: int = 10**9
+    """ZeRO-3: elements a process keeps gathered (the smaller of stage3_max_live_parameters and
+    stage3_max_reuse_distance; DeepSpeed's default 1e9 each)."""
 
     @property
     def name(self) -> str:
@@ -193,6 +196,11 @@ def step_transients(s: ModelShape, w: Workload, layout: Layout, mode: bool | str
         gathered = 2 * 4 * linear_params(s) // max(s.layers, 1) + 4 * (s.embed_params + s.head_params)
         if layout.kind == "fsdp2" and w.amp:
             gathered += 2 * linear_params(s)
+        if layout.kind == "zero3":
+            # DeepSpeed releases a gathered weight only past stage3_max_live_parameters / stage3_max_reuse_distance
+            # (1e9 elements each by default, which ppolm.zero leaves): a model under that stays gathered from its
+            # forward through its backward (Layout.zero3_live)
+            gathered = max(gathered, 4 * min(trainable_params(s, w), layout.zero3_live))
     kv = kv_cache_bytes(s, w.rows, w.prompt_tokens + w.response_tokens, w.amp)
     return {"gradients": grads, "activations": acts, "logits": logits, "gathered_weights": gathered,
             "rollout_kv_cache": kv}
@@ -220,6 +228,8 @@ def peak_of(s: ModelShape, w: Workload, layout: Layout, mode: bool | str) -> tup
     """(peak bytes per process, every component). The backward's peak is the larger of its start (all the
     activations, the logits' tensors and the head's gradient) and its end (all the gradients, the activations
     freed); the rollout's KV cache is its own phase."""
+    if layout.kind == "zero3" and layout.processes > 1 and mode == "selective":
+        mode = False  # ppolm.memory: selective checkpointing is off under ZeRO-3 (its gathers inside the layers)
     held = persistent(s, w, layout)
     t = step_transients(s, w, layout, mode)
     head_grad = 4 * (s.embed_params + s.head_params) // (max(layout.processes, 1) if _sharded(layout) else 1)

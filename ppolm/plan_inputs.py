@@ -4,6 +4,7 @@ process layout from an accelerate file or the running launch, the step from a PP
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -89,11 +90,30 @@ def layout_from_file(path: str | Path | None) -> Layout:
     n = int(data.get("num_processes", 1))
     kind = data.get("distributed_type", "NO")
     if kind == "DEEPSPEED":
-        stage = int((data.get("deepspeed_config") or {}).get("zero_stage", 2))
-        return Layout("zero3" if stage == 3 else "zero2", n)
+        ds = data.get("deepspeed_config") or {}
+        user = _deepspeed_json(ds.get("deepspeed_config_file"))
+        stage = int(user.get("stage", ds.get("zero_stage", 2)))
+        return Layout("zero3" if stage == 3 else "zero2", n, zero3_live(user))
     if kind == "FSDP":
         return Layout("fsdp2", n)
     return Layout("ddp" if n > 1 else "single", n)
+
+
+def _deepspeed_json(path: str | None) -> dict:
+    """The zero_optimization section of a DeepSpeed JSON named by an accelerate file ({} when none)."""
+    if not path:
+        return {}
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("zero_optimization", {})
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"deepspeed_config_file {path}: cannot read it ({exc})") from None
+
+
+def zero3_live(zero: dict) -> int:
+    """Elements ZeRO-3 keeps gathered: the smaller of stage3_max_live_parameters and stage3_max_reuse_distance
+    (DeepSpeed's defaults: 1e9 each)."""
+    return int(min(float(zero.get("stage3_max_live_parameters", 1e9)),
+                   float(zero.get("stage3_max_reuse_distance", 1e9))))
 
 
 def layout_of_launch(world_size: int) -> Layout:
@@ -104,7 +124,8 @@ def layout_of_launch(world_size: int) -> Layout:
     if world_size <= 1:
         return Layout("single", 1)
     if zero.deepspeed_requested():
-        return Layout("zero3" if zero.zero_stage() == 3 else "zero2", world_size)
+        live = zero3_live(zero.user_config().get("zero_optimization", {}))
+        return Layout("zero3" if zero.zero_stage() == 3 else "zero2", world_size, live)
     return Layout("fsdp2" if fsdp_requested() else "ddp", world_size)
 
 
@@ -117,6 +138,14 @@ def lora_params(s: ModelShape, r: int, enabled: bool) -> int:
     return per_layer * s.layers
 
 
+def fused_first_forward(cfg) -> bool:
+    """Whether PPO config `cfg`'s training forward is the fused first forward over the whole batch (as
+    PPOTrainer.fused_first_forward decides): one epoch of one minibatch without accumulation."""
+    p, r = cfg.ppo, cfg.rollout
+    return (p.fuse_first_forward and p.epochs == 1 and p.grad_accum_steps == 1
+            and p.minibatch_size == r.batch_size * r.samples_per_prompt)
+
+
 def workload(cfg, shape: ModelShape, prompt_tokens: int, device: str, amp: bool,
              reward_shape: ModelShape | None) -> Workload:
     """The step of PPO config `cfg` (a PPORunConfig) per process."""
@@ -124,7 +153,7 @@ def workload(cfg, shape: ModelShape, prompt_tokens: int, device: str, amp: bool,
 
     r, p = cfg.rollout, cfg.ppo
     rows = r.batch_size * r.samples_per_prompt
-    fused = (p.fuse_first_forward and p.epochs == 1 and p.grad_accum_steps == 1 and p.minibatch_size == rows)
+    fused = fused_first_forward(cfg)
     critic = cfg.critic.kind if get_estimator(cfg.algo.estimator).needs_critic else "none"
     kl_needed = cfg.kl.coef > 0 or cfg.kl.adaptive
     reference = "adapters" if cfg.lora.enabled else ("copy" if kl_needed else "none")

@@ -8,7 +8,8 @@ from dataclasses import asdict, replace
 
 from ppolm.plan import GiB, LAYOUT_KINDS, MODES, Layout, choose, peak_of
 from ppolm.plan_inputs import (
-    available_memory, layout_from_file, layout_of_launch, longest_prompt, model_shape, parse_memory, workload,
+    available_memory, fused_first_forward, layout_from_file, layout_of_launch, longest_prompt, model_shape,
+    parse_memory, workload,
 )
 
 COMPONENT_ORDER = ("libraries", "allocator_slack", "policy_weights", "reference", "critic", "reward_model",
@@ -37,20 +38,9 @@ def build_plan(cfg, *, launch: str | None = None, memory: int | None = None, dev
     w = workload(cfg, shape, prompt, device, amp, rm)
     launched = layout_from_file(launch)
     n = launched.processes if launched.processes > 1 else 2
-    mode = cfg.gradient_checkpointing
-    layouts = {}
-    for kind in LAYOUT_KINDS:
-        layout = Layout(kind, 1 if kind == "single" else n)
-        by_mode = {mode_name(m): peak_of(shape, w, layout, m) for m in MODES}
-        shown = by_mode[mode_name(mode)] if mode != "auto" else by_mode["selective"]
-        layouts[layout.name] = {
-            "processes": layout.processes, "components": shown[1], "peak_bytes": shown[0],
-            "peak_bytes_by_mode": {k: v[0] for k, v in by_mode.items()},
-            "activations_by_mode": {k: v[1]["activations"] for k, v in by_mode.items()},
-        }
     budget = memory if memory is not None else available_memory(device, launched.processes)
     p = cfg.ppo
-    fused = p.fuse_first_forward and p.epochs == 1 and p.grad_accum_steps == 1 and p.minibatch_size == w.rows
+    fused = fused_first_forward(cfg)
     pick = choose(shape, w, launched, budget, p.minibatch_size, fused) if budget else None
     rec = None
     if pick is not None:
@@ -59,8 +49,21 @@ def build_plan(cfg, *, launch: str | None = None, memory: int | None = None, dev
         rec = {"layout": launched.name, "gradient_checkpointing": mode_name(m), "micro_batch_rows": micro,
                "grad_accum_steps": p.minibatch_size // micro,
                "peak_bytes": peak_of(shape, replace(w, micro_rows=rows), launched, m)[0]}
+    # the components shown: of the config's mode, or with 'auto' of the mode it would take here
+    mode = cfg.gradient_checkpointing
+    shown = mode_name(mode) if mode != "auto" else (rec["gradient_checkpointing"] if rec else "true")
+    layouts = {}
+    for kind in LAYOUT_KINDS:
+        layout = Layout(kind, 1 if kind == "single" else n, launched.zero3_live)
+        by_mode = {mode_name(m): peak_of(shape, w, layout, m) for m in MODES}
+        layouts[layout.name] = {
+            "processes": layout.processes, "components": by_mode[shown][1], "peak_bytes": by_mode[shown][0],
+            "peak_bytes_by_mode": {k: v[0] for k, v in by_mode.items()},
+            "activations_by_mode": {k: v[1]["activations"] for k, v in by_mode.items()},
+        }
     return {"model": cfg.model, "device": device, "workload": asdict(w) | {"reward_model": bool(rm)},
-            "shape": asdict(shape), "gradient_checkpointing": mode_name(mode), "launch": launched.name,
+            "shape": asdict(shape), "gradient_checkpointing": mode_name(mode), "components_mode": shown,
+            "launch": launched.name,
             "budget_bytes": budget, "budget_source": "--memory" if memory is not None else "available",
             "layouts": layouts, "recommendation": rec,
             "peak_bytes": layouts[launched.name]["peak_bytes"]}
@@ -70,7 +73,7 @@ def format_plan(plan: dict) -> str:
     """The plan as a table: one column per layout, one row per component (GiB), the peak at each mode."""
     w, names = plan["workload"], list(plan["layouts"])
     n = plan["layouts"][names[-1]]["processes"]
-    shown = plan["gradient_checkpointing"] if plan["gradient_checkpointing"] != "auto" else "selective"
+    shown = plan["components_mode"]
     lines = [f"ppolm plan: {plan['model']} on {plan['device']}, {w['rows']} rows x ({w['prompt_tokens']} prompt + "
              f"{w['response_tokens']} response) tokens a step per process, training forward over {w['micro_rows']} "
              f"rows, {'bf16 autocast' if w['amp'] else 'fp32'}; GiB per process (multi-process layouts: {n})",

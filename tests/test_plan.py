@@ -57,6 +57,22 @@ def test_layout_from_the_shipped_accelerate_files():
     assert layout_from_file(acc / "deepspeed-zero3-cpu.yaml") == Layout("zero3", 2)
 
 
+def test_zero3_keeps_gathered_what_its_deepspeed_json_allows(tmp_path):
+    """ZeRO-3 releases gathered weights only past stage3_max_live_parameters / max_reuse_distance (1e9 by
+    default): the plan reads them from a DeepSpeed JSON named by the accelerate file."""
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {
+        "stage": 3, "stage3_max_live_parameters": 1e6, "stage3_max_reuse_distance": 2e6}}))
+    launch = tmp_path / "acc.yaml"
+    launch.write_text(yaml.safe_dump({"distributed_type": "DEEPSPEED", "num_processes": 4, "deepspeed_config": {
+        "deepspeed_config_file": str(tmp_path / "ds.json"), "zero3_init_flag": False}}))
+    small = layout_from_file(launch)
+    assert small == Layout("zero3", 4, 10**6)
+    _, shape, w = _shape_and_workload(["model=smollm2-135m-instruct"])
+    default = peak_of(shape, w, Layout("zero3", 4), False)[1]["gathered_weights"]
+    assert default == 4 * (shape.params + shape.hidden + 1)  # the whole trained model stays gathered
+    assert peak_of(shape, w, small, False)[1]["gathered_weights"] < default / 3  # two layers and the embedding
+
+
 def _shape_and_workload(overrides=()):
     cfg = load_config(PPORunConfig, None, [*TINY, *overrides])
     shape = model_shape(cfg.model)
