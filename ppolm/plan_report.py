@@ -131,10 +131,15 @@ def resolve_checkpointing(cfg, runtime, prompt_tokens: int) -> bool | str:
         return saved
     device = runtime.device.type
     budget = available_memory(device, _local_processes(runtime.world_size))
-    picked: bool | str = "selective"  # where no budget can be read: today's default
+    picked: bool | str = "selective"  # where no budget can be read: the default before 'auto'
     if budget:
-        shape = model_shape(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        rm = model_shape(cfg.reward.model, kind="seqcls") if cfg.reward.model else None
+        try:
+            shape = model_shape(cfg.model, trust_remote_code=cfg.trust_remote_code)
+            rm = model_shape(cfg.reward.model, kind="seqcls") if cfg.reward.model else None
+        except Exception as exc:  # noqa: BLE001 (an architecture the meta device cannot build: not worth a failed run)
+            print(f"warning: gradient_checkpointing auto: no memory plan for '{cfg.model}' "
+                  f"({type(exc).__name__}: {str(exc)[:200]}); using 'selective'")
+            return runtime.from_main(picked)
         import torch
 
         from ppolm.runtime import autocast_dtype
