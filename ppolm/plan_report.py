@@ -102,7 +102,8 @@ def format_plan(plan: dict) -> str:
 
 
 def plan_command(args) -> int:
-    """`ppolm plan CONFIG [key=value ...] [--launch FILE] [--memory SIZE] [--device cpu|cuda] [--json]`."""
+    """`ppolm plan CONFIG [key=value ...] [--launch FILE] [--memory SIZE] [--device cpu|cuda] [--json]`; CONFIG is a
+    PPO config or a `ppolm run` config (its PPO stage is planned)."""
     from ppolm.config import PPORunConfig, load_config
 
     overrides = list(args.overrides)
@@ -111,10 +112,37 @@ def plan_command(args) -> int:
         overrides.insert(0, path)
         path = None
     memory = parse_memory(args.memory) if args.memory is not None else None
-    cfg = load_config(PPORunConfig, path, overrides)
+    cfg = ppo_config_of(path, overrides) if path and _is_pipeline(path) else load_config(PPORunConfig, path, overrides)
     plan = build_plan(cfg, launch=args.launch, memory=memory, device=args.device, prompt_tokens=args.prompt_tokens)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
+
+
+PIPELINE_KEYS = {"stages", "sft", "target", "adjust", "report", "keep_checkpoints"}  # (not keys of a PPO config)
+
+
+def _is_pipeline(path: str) -> bool:
+    """Whether YAML file `path` is a `ppolm run` config (it has a key only PipelineConfig has)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(path, encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return False  # (load_config then names the problem)
+    return isinstance(data, dict) and bool(PIPELINE_KEYS & set(data))
+
+
+def ppo_config_of(path: str, overrides: list[str]):
+    """The PPO stage's config of a `ppolm run` config (overrides apply to the pipeline config: ppo.rollout...),
+    with the pipeline's training data, which the stage reads as a split the pipeline hands it."""
+    from pathlib import Path
+
+    from ppolm.config import load_config
+    from ppolm.pipeline import PipelineConfig, stage_config
+
+    pipe = load_config(PipelineConfig, path, overrides)
+    cfg = stage_config(pipe, "ppo", pipe.ppo, Path(pipe.output_dir) / "ppo", pipe.model)
+    return cfg.model_copy(update={"task": cfg.task.model_copy(update={"data": pipe.task.data})})
 
 
 def resolve_checkpointing(cfg, runtime, prompt_tokens: int) -> bool | str:

@@ -124,6 +124,13 @@ def test_cli_plan_text_and_json(capsys):
     assert plan["budget_bytes"] == 64 * GiB and plan["recommendation"]["gradient_checkpointing"] == "false"
 
 
+def test_cli_plans_the_ppo_stage_of_a_pipeline_config(capsys):
+    assert main(["plan", str(ROOT / "configs/pipeline-tiny.yaml"), "ppo.rollout.batch_size=4",
+                 "ppo.ppo.minibatch_size=4", "--memory", "8GiB", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["model"] == "tiny-random-llama" and plan["workload"]["rows"] == 4
+
+
 def test_cli_plan_refuses_a_bad_memory_size(capsys):
     assert main(["plan", str(ROOT / "configs/tiny.yaml"), "--memory", "lots"]) == 2
     assert "--memory 'lots'" in capsys.readouterr().err
