@@ -317,8 +317,9 @@ class CommonConfig(Section):
     """Allow model code from the model directory to run (off unless asked for)."""
     gradient_checkpointing: Literal[False, True, "selective", "auto"] = "auto"
     """Activation checkpointing of the trained transformer. 'auto' (default): PPO takes false when the memory plan
-    (`ppolm plan`) fits the memory available to the process (or the device's), else the cheapest mode that fits;
-    SFT, RM and DPO take 'selective'; the choice is printed at start and saved in config.yaml (a resume keeps it).
+    (`ppolm plan`) fits the memory available to the process (or the device's), else the cheapest mode that fits
+    (and micro-batches, ppo.grad_accum_steps, when none fits the whole minibatch and that key is not set); SFT, RM
+    and DPO take 'selective'; the choice is printed at start and saved in config.yaml (a resume keeps it).
     'selective': each layer keeps its matmul and
     attention outputs and recomputes the cheap ops (norms, activations, rotary, casts) in the backward, the same
     values bit for bit with ~40% fewer saved activations (off under DeepSpeed ZeRO-3); true: recompute each

@@ -145,21 +145,24 @@ def ppo_config_of(path: str, overrides: list[str]):
     return cfg.model_copy(update={"task": cfg.task.model_copy(update={"data": pipe.task.data})})
 
 
-def resolve_checkpointing(cfg, runtime, prompt_tokens: int) -> bool | str:
-    """`gradient_checkpointing: auto` of a PPO run, before any model loads: False when the plan's peak with
-    everything kept fits the memory available to this process (or the device's), else the cheapest mode that
-    fits ('selective', then True; True when none does: the run then needs fewer rows). A resumed run takes the
-    value its first run resolved (output_dir/config.yaml), so the checkpoint's fingerprint still matches. The
-    main process decides for every process (they must agree). Any other value is returned as it is."""
+def resolve_memory(cfg, runtime, prompt_tokens: int) -> tuple[bool | str, int | None]:
+    """(gradient_checkpointing, ppo.grad_accum_steps or None for unchanged) of a PPO run whose checkpointing is
+    'auto', before any model loads: False when the plan's peak with everything kept fits the memory available
+    to this process (or the device's), else the cheapest mode that fits ('selective', then True). When no mode
+    fits the whole minibatch and the config leaves ppo.grad_accum_steps at its default, the fastest (mode,
+    micro-batch) that fits (`ppolm.plan.choose`); when nothing fits, True. A resumed run takes what its first run
+    resolved (output_dir/config.yaml), so the checkpoint's fingerprint still matches. The main process decides
+    for every process (they must agree). A mode other than 'auto' is returned as it is."""
     mode = cfg.gradient_checkpointing
     if mode != "auto":
-        return mode
-    saved = saved_mode(cfg.output_dir) if cfg.resume else None
+        return mode, None
+    accum_free = "grad_accum_steps" not in cfg.ppo.model_fields_set
+    saved = saved_settings(cfg.output_dir) if cfg.resume else None
     if saved is not None:
-        return saved
+        return saved[0], saved[1] if accum_free else None
     device = runtime.device.type
     budget = available_memory(device, _local_processes(runtime.world_size))
-    picked: bool | str = "selective"  # where no budget can be read: the default before 'auto'
+    picked: tuple[bool | str, int | None] = ("selective", None)  # no budget to read: the default before 'auto'
     if budget:
         try:
             shape = model_shape(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -175,7 +178,12 @@ def resolve_checkpointing(cfg, runtime, prompt_tokens: int) -> bool | str:
         amp = autocast_dtype(cfg.precision, torch.device(device)) is not None
         w = workload(cfg, shape, prompt_tokens, device, amp, rm)
         layout = layout_of_launch(runtime.world_size)
-        picked = next((m for m in MODES if peak_of(shape, w, layout, m)[0] <= budget), True)
+        fits = next((m for m in MODES if peak_of(shape, w, layout, m)[0] <= budget), None)
+        picked = (fits, None) if fits is not None else (True, None)
+        if fits is None and accum_free:
+            pick = choose(shape, w, layout, budget, cfg.ppo.minibatch_size, fused_first_forward(cfg))
+            if pick is not None:
+                picked = (pick[0], cfg.ppo.minibatch_size // pick[1])
     return runtime.from_main(picked)
 
 
@@ -185,33 +193,40 @@ def _local_processes(world_size: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
 
 
-def saved_mode(output_dir: str) -> bool | str | None:
-    """The gradient_checkpointing an earlier run in output_dir resolved (its config.yaml), None if none."""
+def saved_settings(output_dir: str) -> tuple[bool | str, int] | None:
+    """(gradient_checkpointing, ppo.grad_accum_steps) an earlier run in output_dir resolved (its config.yaml),
+    None if there is none."""
     from pathlib import Path
 
     import yaml
 
-    path = Path(output_dir) / "config.yaml"
     try:
-        value = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("gradient_checkpointing")
-    except (OSError, yaml.YAMLError, AttributeError):
+        data = yaml.safe_load((Path(output_dir) / "config.yaml").read_text(encoding="utf-8")) or {}
+        mode, accum = data.get("gradient_checkpointing"), int((data.get("ppo") or {}).get("grad_accum_steps", 1))
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
         return None
-    return value if value in MODES else None
+    return (mode, accum) if mode in MODES else None
 
 
 def settle_checkpointing(cfg, runtime, prompt_tokens: int | None = None):
     """A copy of run config `cfg` whose gradient_checkpointing is no longer 'auto' (what config.yaml then records),
     with one line on the main process saying what 'auto' became. PPO configs (`prompt_tokens` given) are planned
-    (`resolve_checkpointing`); SFT, RM and DPO, which the planner does not model yet, take 'selective' (the
-    default before 'auto')."""
+    (`resolve_memory`: the mode, and the micro-batch when no mode fits the whole minibatch); SFT, RM and DPO,
+    which the planner does not model yet, take 'selective' (the default before 'auto')."""
     if cfg.gradient_checkpointing != "auto":
         return cfg
+    accum = None
     if prompt_tokens is None:
         mode, why = "selective", "SFT/RM/DPO are not planned yet: the previous default"
     else:
-        mode, why = resolve_checkpointing(cfg, runtime, prompt_tokens), "the memory plan (ppolm plan) against the " \
-            "memory available" + (" (kept from the run being resumed)" if cfg.resume and saved_mode(cfg.output_dir)
-                                   is not None else "")
+        mode, accum = resolve_memory(cfg, runtime, prompt_tokens)
+        why = "the memory plan (ppolm plan) against the memory available" + (
+            " (kept from the run being resumed)" if cfg.resume and saved_settings(cfg.output_dir) else "")
+    update = {"gradient_checkpointing": mode}
+    also = ""
+    if accum is not None and accum != cfg.ppo.grad_accum_steps:
+        update["ppo"] = cfg.ppo.model_copy(update={"grad_accum_steps": accum})
+        also = f", ppo.grad_accum_steps {cfg.ppo.grad_accum_steps} -> {accum}"
     if runtime.is_main:
-        print(f"gradient_checkpointing: auto -> {mode_name(mode)} ({why}; recorded in config.yaml)")
-    return cfg.model_copy(update={"gradient_checkpointing": mode})
+        print(f"gradient_checkpointing: auto -> {mode_name(mode)}{also} ({why}; recorded in config.yaml)")
+    return cfg.model_copy(update=update)

@@ -184,7 +184,7 @@ def test_plan_is_within_15_percent_of_a_measured_run(tmp_path, mode):
 
 
 class _Runtime:
-    """What resolve_checkpointing reads of a Runtime: one process on CPU."""
+    """What resolve_memory reads of a Runtime: one process on CPU."""
 
     device = torch.device("cpu")
     world_size = 1
@@ -201,9 +201,17 @@ def test_auto_resolution_against_the_budget(monkeypatch, tmp_path):
     peaks = {m: peak_of(shape, w, Layout("single", 1), m)[0] for m in (False, "selective", True)}
     for budget, want in [(peaks[False] + 1, False), (peaks[False] - 1, "selective"), (peaks["selective"] - 1, True)]:
         monkeypatch.setattr(plan_report, "available_memory", lambda *_a, b=budget: b)
-        assert plan_report.resolve_checkpointing(cfg, _Runtime(), 40) == want
+        assert plan_report.resolve_memory(cfg, _Runtime(), 40) == (want, None)
+    # no mode fits the whole minibatch: micro-batches, unless the config sets ppo.grad_accum_steps itself
+    monkeypatch.setattr(plan_report, "available_memory", lambda *_a: peaks[True] - 1)
+    mode, accum = plan_report.resolve_memory(cfg, _Runtime(), 40)
+    assert accum is not None and accum > 1 and cfg.ppo.minibatch_size % accum == 0
+    micro = cfg.ppo.minibatch_size // accum
+    assert peak_of(shape, replace(w, micro_rows=micro), Layout("single", 1), mode)[0] <= peaks[True] - 1
+    pinned = load_config(PPORunConfig, None, [*TINY, "rollout.max_new_tokens=200", "ppo.grad_accum_steps=1"])
+    assert plan_report.resolve_memory(pinned, _Runtime(), 40) == (True, None)
     fixed = load_config(PPORunConfig, None, [*TINY, "gradient_checkpointing=true"])
-    assert plan_report.resolve_checkpointing(fixed, _Runtime(), 40) is True  # an explicit value is kept
+    assert plan_report.resolve_memory(fixed, _Runtime(), 40) == (True, None)  # an explicit value is kept
 
 
 def test_auto_is_printed_and_recorded_in_config_yaml_and_kept_on_resume(monkeypatch, tmp_path, capsys):
@@ -233,3 +241,23 @@ def test_sft_resolves_auto_to_selective_and_records_it(tmp_path):
     assert trainer.cfg.gradient_checkpointing == "selective"
     trainer.train()
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["gradient_checkpointing"] == "selective"
+
+
+def test_auto_micro_batches_are_recorded_and_train(monkeypatch, tmp_path, capsys):
+    """Where no mode fits the whole minibatch, 'auto' also splits it (ppo.grad_accum_steps), says so, records it."""
+    from ppolm.plan_inputs import longest_prompt
+    from ppolm.trainers.ppo import PPOTrainer
+
+    out = tmp_path / "run"
+    cfg = load_config(PPORunConfig, None, [*TINY, f"output_dir={out}", "max_steps=1", "rollout.max_new_tokens=64"])
+    shape = model_shape(cfg.model)
+    w = workload(cfg, shape, longest_prompt(cfg), "cpu", False, None)
+    budget = peak_of(shape, replace(w, micro_rows=2), Layout("single", 1), True)[0]
+    assert peak_of(shape, w, Layout("single", 1), True)[0] > budget
+    monkeypatch.setattr(plan_report, "available_memory", lambda *_a: budget)
+    trainer = PPOTrainer(cfg)
+    assert trainer.cfg.ppo.grad_accum_steps == 2 and trainer.cfg.gradient_checkpointing is True
+    trainer.train()
+    assert "ppo.grad_accum_steps 1 -> 2" in capsys.readouterr().out
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["gradient_checkpointing"] is True and saved["ppo"]["grad_accum_steps"] == 2
