@@ -196,7 +196,7 @@ def available_memory(device_type: str, local_processes: int = 1) -> int | None:
     if device_type == "cuda":
         import torch
 
-        return int(torch.cuda.mem_get_info()[0])
+        return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
     try:
         info = Path("/proc/meminfo").read_text()
         status = Path("/proc/self/status").read_text()

@@ -92,7 +92,9 @@ def format_plan(plan: dict) -> str:
     budget = plan["budget_bytes"]
     where = f"budget {budget / GiB:.2f} GiB ({plan['budget_source']})" if budget else "budget unknown (use --memory)"
     rec = plan["recommendation"]
-    if rec is None:
+    if rec is None and not budget:
+        lines.append(where)
+    elif rec is None:
         lines.append(f"{where}: nothing fits on {plan['launch']} (fewer rows, LoRA, or more processes with FSDP2)")
     else:
         lines.append(f"{where}: fastest that fits on {rec['layout']}: gradient_checkpointing={rec['gradient_checkpointing']}"
