@@ -165,8 +165,8 @@ def _mid_model(root: Path) -> str:
     return str(root / "mid")
 
 
-@pytest.mark.parametrize("mode", ["false", "true"])
-def test_plan_is_within_15_percent_of_a_measured_run(tmp_path, mode):
+@pytest.mark.parametrize("mode", ["false"])  # one mode: each run costs ~a minute of the suite; every mode of the
+def test_plan_is_within_15_percent_of_a_measured_run(tmp_path, mode):  # embedded model is in bench/plan_check.py
     """The plan of a 2-step run (the peak is in the second step's backward, when AdamW's moments exist) against
     the peak resident memory of that run in its own process: the measurement bench/ppo_step.py makes."""
     over = [*TINY, f"model={_mid_model(tmp_path)}", "rollout.batch_size=8", "ppo.minibatch_size=8",
