@@ -31,8 +31,9 @@ browser:
 	  else echo "warning: chromium not installed (needs root + apt); the report rendering test will be skipped"; fi; \
 	fi
 
+# Each test process runs one torch thread (tests/conftest.py): two pytest-xdist workers use both cores.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --durations=20 tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/ppo_step.py
