@@ -19,6 +19,8 @@ from ppolm.errors import ConfigError
 from ppolm.rewards.task_rewards import REWARD_FUNCTIONS, get_reward_function
 
 RewardFn = Callable[..., list[float]]
+INDEPENDENT_JUDGE = "ppolm.eval.judge"
+"""A policy trained against the judge would leave no independent measure of reward hacking: refused by name."""
 
 
 def resolve_reward_function(name: str, kwargs: dict[str, Any] | None = None) -> RewardFn:
@@ -26,6 +28,9 @@ def resolve_reward_function(name: str, kwargs: dict[str, Any] | None = None) -> 
     kwargs = kwargs or {}
     if ":" in name:
         module, _, attr = name.partition(":")
+        if module == INDEPENDENT_JUDGE:
+            raise ConfigError(f"reward function '{name}': {INDEPENDENT_JUDGE} is the independent judge of the RLHF "
+                              "flow; it only measures, it is never a reward (docs/metrics.md)")
         try:
             fn = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
