@@ -24,7 +24,8 @@ CONFIG_COMMANDS = {
     "dpo": ("ppolm.trainers.dpo:DPORunConfig", "ppolm.trainers.dpo:train_dpo",
             "DPO (or IPO) of the policy on preference pairs, no reward model"),
     "run": ("ppolm.pipeline:PipelineConfig", "ppolm.pipeline:run_pipeline",
-            "the whole flow: preprocess, train (SFT and/or PPO), evaluate, adjust, export, report"),
+            "the whole flow: preprocess, train (SFT and/or PPO), evaluate, adjust, export, report; with "
+            "`flow: rlhf`, the RLHF flow (reward model, best-of-n, SFT, DPO, PPO side by side)"),
 }
 
 
@@ -115,11 +116,6 @@ def _run_config_command(args: argparse.Namespace) -> int:
     cls_path, fn_path, _ = CONFIG_COMMANDS[args.command]
     from ppolm.config import describe, load_config
 
-    cls = _load(cls_path)
-    if args.describe:
-        for key, default, doc in describe(cls):
-            print(f"{key:34s} {default:24s} {doc}")
-        return 0
     config_path = args.config or args.config_file
     if args.config_file and args.config and args.config_file != args.config:
         args.overrides.insert(0, args.config_file)
@@ -127,6 +123,16 @@ def _run_config_command(args: argparse.Namespace) -> int:
     if config_path and "=" in config_path and not args.config:
         args.overrides.insert(0, config_path)
         config_path = None
+    if args.command == "run":  # `flow: rlhf` in the file (or flow=rlhf) selects the RLHF flow's config
+        from ppolm.rlhf.config import requested_flow
+
+        if requested_flow(config_path, args.overrides) == "rlhf":
+            cls_path, fn_path = "ppolm.rlhf.config:RLHFConfig", "ppolm.rlhf.run:run_rlhf"
+    cls = _load(cls_path)
+    if args.describe:
+        for key, default, doc in describe(cls):
+            print(f"{key:34s} {default:24s} {doc}")
+        return 0
     cfg = load_config(cls, config_path, args.overrides)
     result = _load(fn_path)(cfg)
     if isinstance(result, dict):

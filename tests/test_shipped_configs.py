@@ -14,6 +14,10 @@ CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
 
 
 def _kind(path: Path):
+    if (yaml.safe_load(path.read_text()) or {}).get("flow") == "rlhf":
+        from ppolm.rlhf.config import RLHFConfig
+
+        return RLHFConfig
     if path.name.startswith("pipeline-"):
         return PipelineConfig
     if path.name.startswith("sft-"):
@@ -39,6 +43,8 @@ def _paths(value) -> list[str]:
 def test_shipped_config_validates_and_its_data_exists(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load_config(_kind(path), path)
+    for f in getattr(getattr(cfg, "data", None), "files", []):  # the RLHF flow's sentence files
+        assert (ROOT / f).exists(), f"{path.name}: {f} missing"
     task = getattr(cfg, "task", None)
     if task is None:
         return

@@ -90,6 +90,7 @@ class Watch:
         self.best_value: float | None = None
         self.best_se: float | None = None
         self.best_step: int | None = None
+        self._ref: PreTrainedModel | None = None  # the task's reference model, loaded at the first check
         best = self.out / "best.json"
         if is_main:
             # A fresh run must not inherit an earlier run's best; no run, fresh or resumed, inherits a guard
@@ -103,6 +104,20 @@ class Watch:
             if state.get("metric") == self.metric:
                 self.best_value, self.best_step = float(state["value"]), int(state["step"])
                 self.best_se = state.get("se")
+
+    def _reference(self, model: PreTrainedModel) -> PreTrainedModel | None:
+        """The task's `reference_model` option (generation), loaded once on the model's device: the checks' KL
+        and perplexity are then against it (the RLHF flow's curve of KL to the base model); None without one."""
+        name = getattr(getattr(self.task, "options", None), "reference_model", None)
+        if not name or not getattr(self.task, "needs_reference_scores", False):
+            return None
+        if self._ref is None:
+            from ppolm.models import load_model
+
+            self._ref = load_model(name).to(next(model.parameters()).device)
+            self._ref.requires_grad_(False)
+            self._ref.eval()
+        return self._ref
 
     @property
     def enabled(self) -> bool:
@@ -120,7 +135,8 @@ class Watch:
         was_training = model.training
         try:
             result = evaluate(self.task, model, self.tokenizer, self.examples, batch_size=self.cfg.batch_size,
-                              autocast=self.autocast, seed=self.seed, label_scores=False, se_metrics=[self.metric])
+                              autocast=self.autocast, seed=self.seed, label_scores=False, se_metrics=[self.metric],
+                              reference_model=self._reference(model))
         finally:
             model.train(was_training)
         out: dict[str, float | str] = {f"eval/{k}": float(v) for k, v in result.metrics.items()
