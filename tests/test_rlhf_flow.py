@@ -87,3 +87,24 @@ def test_tiny_flow_end_to_end(tmp_path):
     md = (out / "report.md").read_text()
     assert "| best-of-16 |" in md and md.count("  - ppo: ") == 3
     assert not list(out.glob("*/checkpoint-*"))
+
+
+def test_seed_table_and_acceptance_checks():
+    from ppolm.rlhf.seeds import acceptance, markdown, mean_std, seed_means
+
+    def summary(seed, ppo_share):
+        m = lambda rm, share, ppl, d2: {"metrics": {"rm_score": rm, "judge_positive_share": share, "perplexity": ppl,
+                                                    "distinct_1": 0.5, "distinct_2": d2, "length_words": 9.0,
+                                                    "kl": 1.0}}
+        return {"seed": seed, "methods": {"base": m(0.0, 0.5, 10.0, 0.8), "best-of-16": m(2.0, 0.7, 10.0, 0.8),
+                                          "sft": m(0.5, 0.6, 8.0, 0.7), "dpo": m(0.6, 0.65, 9.0, 0.7),
+                                          "ppo": m(1.0, ppo_share, 11.0, 0.7)}}
+
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    means = seed_means([summary(0, 0.7), summary(1, 0.8)])
+    assert means["ppo"]["judge_positive_share"] == (pytest.approx(0.75), pytest.approx(math.sqrt(0.005)))
+    checks = acceptance(means)
+    # 0.75 >= 0.6 + 0.10, >= 0.65; 11 <= 1.5 x 8; 0.7 >= 0.8 x 0.8; PPO has half of best-of-16's gain
+    assert [c[1] for c in checks] == [True, True, True, True, None] and checks[-1][2] == "0.50"
+    assert acceptance(seed_means([summary(0, 0.65)]))[0][1] is False
+    assert "| ppo | 1.000 ± 0.000 | 0.750 ± 0.071 |" in markdown([summary(0, 0.7), summary(1, 0.8)])
