@@ -26,7 +26,7 @@ def _cell(m: dict, key: str) -> str:
 def methods_table(methods) -> tuple[list[str], list[list[str]]]:
     """Method x metric on the test prompts (value ± 1.96 se where it has one), train seconds and flags."""
     header = ["method", *[t for _, t in COLUMNS], "train s", "reward hacking?"]
-    rows = [[m.name, *[_cell(m.metrics, k) for k, _ in COLUMNS], f"{m.train_seconds:.0f}",
+    rows = [[m.name, *[_cell(m.metrics, k) for k, _ in COLUMNS], f"{m.train_seconds:.0f}" if m.run_dir else "-",
              "FLAG: " + "; ".join(m.flags) if m.flags else "no"] for m in methods]
     return header, rows
 
