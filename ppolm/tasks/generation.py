@@ -48,7 +48,8 @@ class GenerationOptions(TaskOptions):
     reward_model: str | None = None
     """A sequence-classification reward model (directory or name) scoring prompt + completion instead."""
     reference_model: str | None = None
-    """Model for KL and perplexity at evaluation (default: the evaluated model itself, so KL = 0)."""
+    """Model for KL and perplexity at evaluation and in held-out checks during training (default: the evaluated
+    model itself, so KL = 0)."""
 
 
 class GenerationTask(Task):
