@@ -45,6 +45,9 @@ class RolloutConfig(Section):
     samples_per_prompt: int = Field(1, ge=1, le=256)
     """k responses drawn per prompt in one batched generate (a group, rows kept together); a step has
     batch_size x k rows. Group estimators (algo.estimator grpo, rloo, dr_grpo) need k >= 2 to have a baseline."""
+    micro_batch_size: int | None = Field(None, ge=1)
+    """Prompts per generate call (their k samples each); a smaller value bounds the rollout's memory (KV cache,
+    logits) at some speed. null = all of batch_size in one call. OOM recovery (ppo.oom_recovery) halves it."""
 
 
 class KLConfig(Section):
@@ -95,6 +98,14 @@ class PPOConfig(Section):
     fuse_first_forward: bool = True
     """With one epoch of one minibatch (no accumulation), take old log-probs and values from the update's own
     forward (same weights, so the same numbers) instead of a separate forward: one policy forward fewer."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Packed, token-budget micro-batches for the scoring pass (old log-probs, values, reference) and the update:
+    each micro-batch's rows are packed into one sequence of their real tokens only (no padding; attention kept
+    within each row) holding at most this many tokens (a longer row goes alone), instead of
+    minibatch_size / grad_accum_steps padded rows. Same results within float rounding. null = padded rows."""
+    oom_recovery: bool = True
+    """On an out-of-memory error in a rollout, scoring or update micro-batch, halve that micro-batch for the rest
+    of the run and retry (logged as oom/*); one process without DeepSpeed only (elsewhere the error is raised)."""
 
 
 class EvalConfig(Section):
@@ -376,6 +387,9 @@ class PPORunConfig(CommonConfig):
                 f"ppo.grad_accum_steps ({self.ppo.grad_accum_steps}) must divide ppo.minibatch_size "
                 f"({self.ppo.minibatch_size})"
             )
+        if self.ppo.max_tokens is not None and self.ppo.grad_accum_steps != 1:
+            raise ValueError("ppo.max_tokens sizes the micro-batches by tokens; ppo.grad_accum_steps splits by rows: "
+                             "set one of them (leave ppo.grad_accum_steps at 1)")
         if self.critic.init == "reward" and not self.reward.model:
             raise ValueError("critic.init: 'reward' needs reward.model to be set (or use critic.init: 'policy')")
         check_guard(self.eval, self.guard)

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ppolm.memory import recast_saved_weights
+from ppolm.models.packing import Packed, pack_rows, unpack_responses
 from ppolm.ops import entropy_from_logits, logprobs_from_logits
 from ppolm.rollout import position_ids_from_mask
 
@@ -117,6 +118,15 @@ def response_hidden(
     return out.hidden_states[-1][:, -R - 1 : -1]
 
 
+def packed_response_hidden(model: PreTrainedModel, packed: Packed) -> torch.Tensor:
+    """`response_hidden` of packed rows (ppolm.models.packing): one forward over their real tokens, no attention
+    mask (transformers builds the per-row block mask from the restarting position ids), no KV cache (with one,
+    transformers would not look for packed rows). -> (M, H) at the M real response tokens."""
+    out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
+                output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    return out.hidden_states[-1][0, packed.predict_index]
+
+
 def final_logit_transform(config, logits: torch.Tensor) -> torch.Tensor:
     """What some architectures do to the LM head's output inside their own forward (so the sampler sees it):
     logit scaling (Cohere `logit_scale`: x * s; Granite `logits_scaling`: x / s) and final-logit softcapping
@@ -167,6 +177,7 @@ def score_tokens(
     autocast_dtype: torch.dtype | None = None,
     temperature: float = 1.0,
     entropy_grad: bool = True,
+    packed: bool = False,
 ) -> TokenScores:
     """log pi(response token) for each response position, and V from `value_head` on the same forward.
 
@@ -175,8 +186,20 @@ def score_tokens(
     sampled (N+ implementation details, "scale the logits by the sampling temperature").
     entropy_grad: False when the entropy is only a metric (no entropy bonus): it is computed from detached logits
     (same values), so its full-vocabulary softmax is not kept for a backward that never uses it.
+    packed: run the forward on the rows' real tokens only (ppolm.models.packing) and the LM head and value head on
+    the real response tokens only; the same numbers at those positions within float rounding, 0 at the padded
+    ones (which every loss and metric masks out).
     """
     R = response_ids.shape[1]
+    if packed:
+        p = pack_rows(input_ids, attention_mask, R)
+        with backbone_autocast(model, autocast_dtype, input_ids.device):
+            hidden = packed_response_hidden(model, p)
+        logprobs, entropy = token_logprobs(model, hidden, response_ids[p.rows, p.cols], temperature, need_entropy,
+                                           entropy_grad)
+        grid = lambda x: unpack_responses(x, p) if x is not None else None  # noqa: E731
+        return TokenScores(grid(logprobs), grid(value_head(hidden) if value_head is not None else None),
+                           grid(entropy))
     with backbone_autocast(model, autocast_dtype, input_ids.device):
         hidden = response_hidden(model, input_ids, attention_mask, R)
     logprobs, entropy = token_logprobs(model, hidden, response_ids, temperature, need_entropy, entropy_grad)
@@ -245,9 +268,16 @@ class SeparateCritic(nn.Module):
         self.head = head
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, R: int, autocast_dtype: torch.dtype | None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, R: int, autocast_dtype: torch.dtype | None,
+        packed: bool = False,
     ) -> torch.Tensor:
-        """V for the R response positions, (B, R) fp32."""
+        """V for the R response positions, (B, R) fp32 (packed: from a packed forward, 0 at padded positions)."""
+        if packed:
+            p = pack_rows(input_ids, attention_mask, R)
+            with backbone_autocast(self.backbone, autocast_dtype, input_ids.device):
+                out = self.backbone(input_ids=p.input_ids, position_ids=p.position_ids, attention_mask=None,
+                                    use_cache=False)
+            return unpack_responses(self.head(out.last_hidden_state[0, p.predict_index]), p)
         with backbone_autocast(self.backbone, autocast_dtype, input_ids.device):
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                 position_ids=position_ids_from_mask(attention_mask), use_cache=False)

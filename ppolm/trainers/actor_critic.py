@@ -1,4 +1,5 @@
-"""Building the models of a PPO run from its config: policy (+LoRA), value head or separate critic, reference.
+"""Building the models of a PPO run from its config: policy (+LoRA), value head or separate critic, reference, and
+the reward (functions and reward model).
 
 `ActorCritic` bundles every trainable module into one nn.Module so that data parallelism (DDP/FSDP through
 accelerate) wraps and all-reduces them together.
@@ -16,7 +17,8 @@ from ppolm.algo.estimators import get_estimator
 from ppolm.config import PPORunConfig
 from ppolm.fsdp import fsdp_requested
 from ppolm.memory import enable_activation_checkpointing
-from ppolm.models import load_model
+from ppolm.models import load_model, load_tokenizer
+from ppolm.rewards.compose import RewardFn, Scorer
 from ppolm.models.policy import (
     SeparateCritic, TokenScores, ValueHead, apply_lora, disable_dropout, frozen_copy, hidden_size, score_tokens,
 )
@@ -42,17 +44,19 @@ class ActorCritic(nn.Module):
         need_entropy: bool = False,
         autocast_dtype: torch.dtype | None = None,
         entropy_grad: bool = True,
+        packed: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """logprobs (B, R), values (B, R) or None without a critic, entropy (B, R) or None; one backbone forward
-        in head mode. entropy_grad=False: the entropy is a metric only, computed without a graph."""
+        in head mode. entropy_grad=False: the entropy is a metric only, computed without a graph. packed: the
+        forwards run on the rows' real tokens only (ppolm.models.packing; 0 at padded response positions)."""
         out: TokenScores = score_tokens(
             self.policy, input_ids, attention_mask, response_ids,
             value_head=self.value_head, need_entropy=need_entropy, autocast_dtype=autocast_dtype,
-            temperature=self.temperature, entropy_grad=entropy_grad,
+            temperature=self.temperature, entropy_grad=entropy_grad, packed=packed,
         )
         values = out.values
         if self.critic is not None:
-            values = self.critic(input_ids, attention_mask, response_ids.shape[1], autocast_dtype)
+            values = self.critic(input_ids, attention_mask, response_ids.shape[1], autocast_dtype, packed=packed)
         return out.logprobs, values, out.entropy
 
     def is_lora(self) -> bool:
@@ -114,13 +118,37 @@ def reference_logprobs(
     attention_mask: torch.Tensor,
     response_ids: torch.Tensor,
     amp: torch.dtype | None,
+    packed: bool = False,
 ) -> torch.Tensor:
-    """log pi_ref(response tokens), (B, R): the frozen copy, or the policy with its LoRA adapters off."""
+    """log pi_ref(response tokens), (B, R): the frozen copy, or the policy with its LoRA adapters off (packed: as
+    in `ActorCritic.forward`)."""
     t = actor.temperature  # the reference is scored at the sampling temperature too, so KL compares like with like
     if reference is not None:
         return score_tokens(reference, input_ids, attention_mask, response_ids, autocast_dtype=amp,
-                            temperature=t).logprobs
+                            temperature=t, packed=packed).logprobs
     ctx = actor.policy.disable_adapter() if actor.is_lora() else contextlib.nullcontext()
     with ctx:
         return score_tokens(actor.policy, input_ids, attention_mask, response_ids, autocast_dtype=amp,
-                            temperature=t).logprobs
+                            temperature=t, packed=packed).logprobs
+
+
+def build_scorer(cfg: PPORunConfig, reward_fn: RewardFn | list[RewardFn] | None, extra_fns: list[RewardFn], task,
+                 device: torch.device, amp: torch.dtype | None) -> Scorer:
+    """The run's reward: `reward_fn` (the Python API's, weight 1), the config's reward.functions (`extra_fns`,
+    resolved, with their weights) and reward.model (frozen, in bf16 for bf16 runs); the task's own reward
+    functions when none of these is given."""
+    r = cfg.reward
+    fns: list[tuple[RewardFn, float]] = []
+    if reward_fn is not None:
+        fns += [(f, 1.0) for f in (reward_fn if isinstance(reward_fn, list) else [reward_fn])]
+    fns += [(fn, f.weight) for fn, f in zip(extra_fns, r.functions)]
+    if not fns and r.model is None:
+        fns = task.reward_functions()
+    rm, rm_tok = None, None
+    if r.model is not None:
+        rm = load_model(r.model, kind="seqcls", trust_remote_code=cfg.trust_remote_code,
+                        precision="bf16" if amp == torch.bfloat16 else "fp32").to(device)
+        rm.requires_grad_(False)
+        rm.eval()
+        rm_tok = load_tokenizer(r.model, trust_remote_code=cfg.trust_remote_code)
+    return Scorer(fns, rm, rm_tok, r.model_weight, r.normalize, r.clip, r.missing_eos_penalty, amp)

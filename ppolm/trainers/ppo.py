@@ -30,25 +30,27 @@ from ppolm.algo.losses import entropy_bonus, explained_variance, kl_loss, value_
 from ppolm.algo.policy_losses import get_policy_loss, resolve_clip
 from ppolm.config import PPORunConfig, save_config
 from ppolm.data.collate import left_pad_collate
-from ppolm.models import load_model, load_tokenizer
+from ppolm.models import load_tokenizer
 from ppolm.models.policy import lora_merged_for_generation
 from ppolm.ops import masked_mean
 from ppolm.plan_report import settle_checkpointing
-from ppolm.rewards.compose import RewardFn, Scorer, resolve_reward_function
+from ppolm.rewards.compose import RewardFn, resolve_reward_function
 from ppolm.rewards.overlong import overlong_penalty
 from ppolm.rollout import generate
 from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.sampling import row_uniforms
 from ppolm.tasks import Example, Task, build_task
-from ppolm.trainers.actor_critic import build_actor_critic, param_groups, reference_logprobs
+from ppolm.trainers.actor_critic import build_actor_critic, build_scorer, param_groups, reference_logprobs
 from ppolm.trainers.common import StepOutput, split_held_out, train_loop
 from ppolm.trainers.dynamic_sampling import Round, fill_batch, refill_rows, refill_streams
+from ppolm.trainers.micro_batches import generate_in_chunks, over_micro_batches
+from ppolm.trainers.oom import micro_batching
 from ppolm.trainers.ppo_state import PPOCheckpointer
 from ppolm.trainers.run_dir import prepare_output_dir
 from ppolm.trainers.prompts import build_prompts, step_rows
 from ppolm.trainers.watch import Watch
 from ppolm.types import Experience, Rollout
-from ppolm.update import Optimization
+from ppolm.update import Optimization, StepResult
 
 
 # logprobs, values (None without a critic), entropy: (B, R) each
@@ -96,11 +98,12 @@ class PPOTrainer:
         # 'auto' checkpointing: the memory plan decides before any model loads (ppolm.plan_report)
         self.cfg = cfg = settle_checkpointing(cfg, self.runtime, max(map(len, self.prompts.token_ids)))
         self.actor, self.reference = build_actor_critic(cfg, self.amp)
+        self.micro, self.oom = micro_batching(cfg, self.runtime, self.actor)  # sizes halved by OOM recovery
         self.actor.to(self.runtime.device)
         if self.reference is not None:
             self.reference.to(self.runtime.device)
         self.runtime.shard(self.actor), self.runtime.shard(self.reference)  # FSDP2 only; before the optimizer
-        self.scorer = self._build_scorer(reward_fn, extra_fns)
+        self.scorer = build_scorer(cfg, reward_fn, extra_fns, self.task, self.runtime.device, self.amp)
         n_minibatches = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt // cfg.ppo.minibatch_size
         self.optim = Optimization(
             self.actor, self.runtime, param_groups=param_groups(self.actor, cfg.optim.lr, cfg.optim.critic_lr),
@@ -133,23 +136,6 @@ class PPOTrainer:
                     f.write(f"# algo.clip_eps_low / clip_eps_high resolved to {self.clip_low:g} / {self.clip_high:g} "
                             f"(algo.policy_loss '{a.policy_loss}')\n")
 
-    def _build_scorer(self, reward_fn, extra_fns) -> Scorer:
-        cfg = self.cfg.reward
-        fns: list[tuple[RewardFn, float]] = []
-        if reward_fn is not None:
-            fns += [(f, 1.0) for f in (reward_fn if isinstance(reward_fn, list) else [reward_fn])]
-        fns += [(fn, f.weight) for fn, f in zip(extra_fns, cfg.functions)]
-        if not fns and cfg.model is None:
-            fns = self.task.reward_functions()
-        rm, rm_tok = None, None
-        if cfg.model is not None:
-            rm = load_model(cfg.model, kind="seqcls", trust_remote_code=self.cfg.trust_remote_code,
-                            precision="bf16" if self.amp == torch.bfloat16 else "fp32").to(self.runtime.device)
-            rm.requires_grad_(False)
-            rm.eval()
-            rm_tok = load_tokenizer(cfg.model, trust_remote_code=self.cfg.trust_remote_code)
-        return Scorer(fns, rm, rm_tok, cfg.model_weight, cfg.normalize, cfg.clip, cfg.missing_eos_penalty, self.amp)
-
     # ---- phases -------------------------------------------------------------------------------------------
     def rollout(self, step: int, round_: int = 0) -> tuple[Rollout, list, list[int]]:
         """Sample k = samples_per_prompt responses for each of this process's prompts of `step`; the k rows of a
@@ -166,13 +152,16 @@ class PPOTrainer:
             rows = refill_rows(len(self.prompts.examples), self.cfg.seed, step, round_, self.global_batch,
                                self.runtime.rank, r.batch_size)
             streams = refill_streams(rows, round_, self.global_batch, k)
-        ids, mask = left_pad_collate([self.prompts.token_ids[i] for _, i in rows], self.tokenizer.pad_token_id)
         idx = [i for _, i in rows for _ in range(k)]
         uniforms = row_uniforms(self.cfg.seed, step, streams, r.max_new_tokens)
         self.actor.eval()  # rollout and scoring run in eval mode; update() switches to train mode
-        with lora_merged_for_generation(self.actor.policy, self.amp):  # (no-op without LoRA)
-            out = self._generate(ids, mask, uniforms, [self.prompts.texts[i] for i in idx])
-        return out, [self.prompts.examples[i] for i in idx], idx
+        def sample() -> Rollout:  # micro.rollout_prompts prompts per generate call (OOM recovery halves it)
+            with lora_merged_for_generation(self.actor.policy, self.amp):  # (no-op without LoRA)
+                return generate_in_chunks(self._generate, [self.prompts.token_ids[i] for _, i in rows], uniforms,
+                                          [self.prompts.texts[i] for i in idx], k=k,
+                                          per_call=self.micro.rollout_prompts, collate=left_pad_collate,
+                                          pad_id=self.tokenizer.pad_token_id)
+        return self.oom.run("rollout", sample), [self.prompts.examples[i] for i in idx], idx
 
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor, uniforms: torch.Tensor, prompts: list[str]) -> Rollout:
         r = self.cfg.rollout
@@ -229,12 +218,14 @@ class PPOTrainer:
                           max_rounds=self.cfg.algo.dynamic_sampling_max_rounds, any_short=self.runtime.broadcast_flag,
                           global_sum=lambda x: float(self.runtime.sum(x)), pad_id=self.tokenizer.pad_token_id)
 
-    def fused_first_forward(self) -> bool:
-        """True when the update is one optimizer step over the whole batch: its forward, taken before any weight
-        changes, gives exactly the old log-probs and values, so the separate no-grad forward is skipped."""
-        p, r = self.cfg.ppo, self.cfg.rollout
-        return (p.fuse_first_forward and p.epochs == 1 and p.grad_accum_steps == 1
-                and p.minibatch_size == r.batch_size * r.samples_per_prompt)
+    def fused_first_forward(self, attention_mask: torch.Tensor | None = None) -> bool:
+        """True when the update is one optimizer step over the whole batch in one micro-batch (packed: when the
+        batch's attention_mask (B, T) fits ppo.max_tokens): its forward, taken before any weight changes, gives
+        exactly the old log-probs and values, so the separate no-grad forward is skipped."""
+        p, r, m = self.cfg.ppo, self.cfg.rollout, self.micro
+        rows = r.batch_size * r.samples_per_prompt
+        one = len(m.split(attention_mask)) == 1 if m.packed and attention_mask is not None else m.rows >= rows
+        return p.fuse_first_forward and p.epochs == 1 and p.minibatch_size == rows and one
 
     @torch.no_grad()
     def experience(self, rollout: Rollout, scores: torch.Tensor,
@@ -242,15 +233,18 @@ class PPOTrainer:
         """Old log-probs and values (one forward in head mode, or `policy_out` of the fused update forward),
         reference log-probs, shaped rewards (KL in the reward unless kl.in = loss), the estimator's advantages."""
         ids, attn, resp, mask = rollout.input_ids, rollout.attention_mask, rollout.response_ids, rollout.response_mask
+        batches, packed = self.micro.split(attn), self.micro.packed  # micro-batches of the scoring pass
         if policy_out is not None:
             old_logprobs, old_values, entropy = (x.detach() if x is not None else None for x in policy_out)
         else:
             self.actor.eval()
-            old_logprobs, old_values, entropy = self.actor(ids, attn, resp, need_entropy=True, autocast_dtype=self.amp)
+            old_logprobs, old_values, entropy = over_micro_batches(lambda b: self.actor(
+                ids[b], attn[b], resp[b], need_entropy=True, autocast_dtype=self.amp, packed=packed), batches)
         if self.reference is None and not self.actor.is_lora():
             ref_logprobs = old_logprobs  # KL penalty off for the whole run: the reference forward is skipped
         else:
-            ref_logprobs = reference_logprobs(self.actor, self.reference, ids, attn, resp, self.amp)
+            ref_logprobs, = over_micro_batches(lambda b: (reference_logprobs(
+                self.actor, self.reference, ids[b], attn[b], resp[b], self.amp, packed=packed),), batches)
         p, est = self.cfg.ppo, self.estimator
         reward_kl_coef = self.kl_ctl.value if self.cfg.kl.in_ == "reward" else 0.0
         rewards, kl = shaped_rewards(scores, old_logprobs, ref_logprobs, mask, reward_kl_coef, self.cfg.kl.estimator)
@@ -288,15 +282,16 @@ class PPOTrainer:
         var = self.runtime.sum((((x - mean.float()) ** 2) * mask).sum()) / (n - 1).clamp(min=1)
         return ((x - mean.float()) * torch.rsqrt(var.float() + 1e-8)) * mask
 
-    def update(self, exp: Experience, step: int, policy_out: PolicyOut | None = None) -> dict[str, float]:
+    def update(self, exp: Experience, step: int, policy_out: PolicyOut | list | None = None) -> dict[str, float]:
         """PPO epochs x shuffled minibatches, each one shared optimizer step with gradient accumulation.
 
-        policy_out: the fused first forward (with grad) over the whole batch, used by the first optimizer step.
+        policy_out: the fused first forward (with grad) over the whole batch, used by the first optimizer step,
+        or a one-item list holding it (emptied here, so that an out-of-memory retry frees its graph).
         """
         p, world = self.cfg.ppo, self.runtime.world_size
         self.actor.train()
         group, agg, max_len = self.cfg.rollout.samples_per_prompt, self.loss_agg, self.cfg.rollout.max_new_tokens
-        fused = policy_out
+        fused = [policy_out.pop() if isinstance(policy_out, list) else policy_out]
         sums: dict[str, float] = {}
         n_tokens_total = 0.0
         # sums over the minibatches of their global normalisers: of the policy terms (loss.agg: tokens, responses,
@@ -318,13 +313,13 @@ class PPOTrainer:
                 mb_tokens = float(self.runtime.sum(mb.response_mask.sum()))
                 mb_norm = mb_tokens if agg == "token_mean" else float(
                     self.runtime.sum(agg_norm(agg, mb.response_mask, max_len)))
-                micro = [mb.select(i) for i in torch.arange(len(mb)).chunk(p.grad_accum_steps)]
-
-                # the fused forward ran on the weights of the first optimizer step and serves it alone
-                first, fused = fused, None
-                loss_fn = functools.partial(self.minibatch_loss, fused=first, index=mb_index, norm=mb_norm,
-                                            tokens=mb_tokens)
-                result = self.optim.step(micro, loss_fn, where=f"step {step + 1}")
+                def attempt() -> StepResult:  # split on each try (OOM recovery may have halved the micro-batch);
+                    # the fused forward (first optimizer step, first try, one micro-batch) is popped: a retry frees it
+                    loss_fn = functools.partial(self.minibatch_loss, fused=fused.pop() if fused else None,
+                                                index=mb_index, norm=mb_norm, tokens=mb_tokens)
+                    micro = [mb.select(b) for b in self.micro.split(mb.attention_mask)]
+                    return self.optim.step(micro, loss_fn, where=f"step {step + 1}")
+                result = self.oom.run("update", attempt)
                 for k, v in result.metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 if not result.skipped:
@@ -370,7 +365,7 @@ class PPOTrainer:
         else:
             logprobs, values, entropy = self.model(
                 m.input_ids, m.attention_mask, m.input_ids[:, -m.response_mask.shape[1]:],
-                need_entropy=p.ent_coef > 0, autocast_dtype=self.amp,
+                need_entropy=p.ent_coef > 0, autocast_dtype=self.amp, packed=self.micro.packed,
             )
         pl = self.policy_loss.fn(logprobs, m.old_logprobs, m.advantages, m.response_mask, clip_low=self.clip_low,
                                  clip_high=self.clip_high, log_ratio_clamp=p.log_ratio_clamp, norm=norm,
@@ -404,7 +399,7 @@ class PPOTrainer:
     # ---- loop ---------------------------------------------------------------------------------------------
     def step(self, step: int) -> StepOutput:
         """One PPO step (0-based `step`)."""
-        t0 = time.perf_counter()
+        t0, retries = time.perf_counter(), self.oom.retries
         rollout, examples, idx = self.rollout(step)
         t1 = time.perf_counter()
         scores, raw, reward_metrics = self._score(rollout, examples)
@@ -413,23 +408,14 @@ class PPOTrainer:
             rollout, scores, ds_metrics = self.dynamic_sampling(step, Round(rollout, scores, raw))
             t_ds = time.perf_counter()
             reward_metrics.update(ds_metrics, **{"time/dynamic_sampling_s": t_ds - t2})
-        policy_out = None
-        if self.fused_first_forward():
-            # The update's forward: train mode (gradient checkpointing is active only there), whatever mode
-            # from_pretrained or the rollout left the model in.
-            self.actor.train()
-            # (the entropy is kept with its graph only when the loss has an entropy bonus; else it is a metric)
-            policy_out = self.model(rollout.input_ids, rollout.attention_mask, rollout.response_ids,
-                                    need_entropy=True, autocast_dtype=self.amp,
-                                    entropy_grad=self.cfg.ppo.ent_coef > 0)
-        exp, exp_metrics = self.experience(rollout, scores, policy_out)
+        exp, exp_metrics, fused = self.oom.run("score", lambda: self._experience_phase(rollout, scores))
         t3 = time.perf_counter()
-        upd_metrics = self.update(exp, step, policy_out)
+        upd_metrics = self.update(exp, step, fused)
         t4 = time.perf_counter()
         self.kl_ctl.update(exp_metrics["objective/kl"], self.global_rows)
         n_tokens = float(self.runtime.sum(rollout.response_mask.sum() + rollout.prompt_mask.sum()))
         metrics = {
-            **reward_metrics, **exp_metrics, **upd_metrics,
+            **reward_metrics, **exp_metrics, **upd_metrics, **self.oom.step_metrics(retries),
             "time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/experience_s": t3 - t_ds,
             "time/update_s": t4 - t3, "time/step_s": t4 - t0, "throughput/tokens_per_s": n_tokens / (t4 - t0),
         }
@@ -438,6 +424,20 @@ class PPOTrainer:
             for i in range(min(4, len(rollout.completions)))
         ]
         return StepOutput(metrics, samples)
+
+    def _experience_phase(self, rollout: Rollout, scores: torch.Tensor) -> tuple[Experience, dict, list]:
+        """experience(), and the fused first forward (the update's own, with grad) when it applies, in a one-item
+        list that update() empties: no frame of step() keeps its graph alive through an out-of-memory retry."""
+        policy_out = None
+        if self.fused_first_forward(rollout.attention_mask):
+            # The update's forward: train mode (gradient checkpointing is active only there), whatever mode
+            # from_pretrained or the rollout left the model in.
+            self.actor.train()
+            # (the entropy is kept with its graph only when the loss has an entropy bonus; else it is a metric)
+            policy_out = self.model(rollout.input_ids, rollout.attention_mask, rollout.response_ids,
+                                    need_entropy=True, autocast_dtype=self.amp,
+                                    entropy_grad=self.cfg.ppo.ent_coef > 0, packed=self.micro.packed)
+        return *self.experience(rollout, scores, policy_out), [policy_out]
 
     # What train_loop (shared with SFT and RM) reads besides `checkpointer`: the step count, an evaluation, the export
     @property

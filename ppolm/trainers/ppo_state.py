@@ -7,7 +7,8 @@ checkpoint-N/ (written crash-safely by CheckpointManager):
   sharded/           instead of policy/, critic.* and optimizer.*: each process's FSDP2 shards of them
                      (checkpoint.sharded; torch.distributed.checkpoint), or the DeepSpeed engine's files
   rng.*, rng-rank<r>.* python / numpy / torch RNG states of each process
-  trainer_state.json step, KL controller, reward moments, optimizer counters, data position, fingerprints
+  trainer_state.json step, KL controller, reward moments, optimizer counters, data position, fingerprints,
+                     micro-batch sizes (as OOM recovery left them)
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class PPOParts(Protocol):
     tokenizer: Any
     task: Any
     global_batch: int
+    micro: Any
 
 
 def load_policy_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -117,11 +119,13 @@ class PPOCheckpointer(Checkpointer):
     def extra_state(self, step: int) -> dict[str, Any]:
         t = self.t
         return {"kl_controller": t.kl_ctl.state_dict(), "reward_moments": t.scorer.moments.state_dict(),
-                "data_position": step * t.global_batch}
+                "data_position": step * t.global_batch, "micro_batches": t.micro.state_dict()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.t.kl_ctl.load_state_dict(state["kl_controller"])
         self.t.scorer.moments.load_state_dict(state["reward_moments"])
+        if "micro_batches" in state:  # (absent from checkpoints written before OOM recovery existed)
+            self.t.micro.load_state_dict(state["micro_batches"])
 
     def _load_policy(self, directory: Path) -> None:
         policy = self.t.actor.policy

@@ -1,0 +1,113 @@
+"""Packed sequences: the real tokens of a padded batch laid end to end, attention kept within each row.
+
+A PPO batch is B rows of a left-padded prompt followed by a right-padded response (ppolm.types.Rollout): row b's
+real tokens are one contiguous run of its (B, T) grid. With prompts and responses of very different lengths much
+of that grid is padding, which a padded forward computes anyway. Packed, the forward sees only the real tokens:
+one sequence of N = sum of the row lengths, position ids restarting at 0 on each row (the positions the padded
+path gives them: cumsum of the mask - 1), and no 2D attention mask. transformers (5.x, `masking_utils.
+find_packed_sequence_indices`) then reads the row boundaries from the position ids and builds a block-diagonal
+causal mask for sdpa and eager attention, or hands flash-attention kernels the varlen row offsets: a token never
+attends to another row. Only for models whose code builds its mask with `masking_utils.create_causal_mask`
+(`supports_packing`), and only without a KV cache (`use_cache=False`: with a cache transformers assumes one
+sequence per row).
+
+Micro-batches of the packed passes are sized by tokens, not rows (`token_budget_batches`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Packed:
+    """B padded rows as one packed sequence, and where their response tokens go back.
+
+    input_ids      (1, N) long  the real tokens of rows 0..B-1, in order
+    position_ids   (1, N) long  each token's position within its own row (0 at each row's first token)
+    predict_index  (M,)   long  index in the N tokens of the hidden state that predicts each of the M real
+                                response tokens (token t predicts token t + 1 of the same row)
+    rows, cols     (M,)   long  where those M tokens sit in the (B, R) response grid
+    B, R           the response grid's shape
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    predict_index: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    B: int
+    R: int
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, R: int) -> Packed:
+    """input_ids, attention_mask (B, T), the response in the last R columns -> Packed.
+
+    Each row's real tokens (mask 1) must be contiguous, as in a rollout (left-padded prompt, right-padded
+    response), and a row with a response token must have at least one prompt token before it (the padded path
+    predicts response token 0 from the column before it as well).
+    """
+    mask = attention_mask.bool()
+    B, T = mask.shape
+    lengths = mask.sum(-1)
+    positions = mask.long().cumsum(-1) - 1  # position of each real token within its row
+    starts = lengths.cumsum(0) - lengths  # flat index of each row's first token
+    rows, cols = mask[:, T - R:].nonzero(as_tuple=True)
+    own = positions[rows, T - R + cols]  # the response token's position in its row
+    if bool((own < 1).any()):
+        raise ValueError("pack_rows: a response token with no token before it in its row (an empty prompt)")
+    return Packed(
+        input_ids=input_ids[mask].unsqueeze(0), position_ids=positions[mask].unsqueeze(0),
+        predict_index=starts[rows] + own - 1, rows=rows, cols=cols, B=B, R=R,
+    )
+
+
+def unpack_responses(x: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """(M, ...) values of the packed response tokens -> (B, R, ...) grid, 0 at padded positions. Differentiable:
+    the gradient of each packed entry is that of its grid cell (padded cells get none, as the masked losses
+    give them none in the padded path)."""
+    out = x.new_zeros((packed.B, packed.R, *x.shape[1:]))
+    return out.index_put((packed.rows, packed.cols), x)
+
+
+def token_budget_batches(lengths: torch.Tensor, max_tokens: int) -> list[slice]:
+    """Split rows 0..B-1 into consecutive micro-batches whose token counts (lengths (B,), real tokens per row)
+    sum to at most max_tokens each; a row longer than max_tokens is a micro-batch alone. Greedy in row order:
+    every row is in exactly one micro-batch, and the k rows of a group stay next to each other. -> slices."""
+    batches: list[slice] = []
+    start, used = 0, 0
+    for row, n in enumerate(lengths.tolist()):
+        if row > start and used + n > max_tokens:
+            batches.append(slice(start, row))
+            start, used = row, 0
+        used += n
+    if lengths.numel():
+        batches.append(slice(start, lengths.numel()))
+    return batches
+
+
+def supports_packing(model: nn.Module) -> bool:
+    """Whether `model`'s modeling code builds its attention mask with transformers' `create_causal_mask`, which
+    detects packed rows from the position ids (the module of every transformers model class is looked at, so
+    peft wrappers and bare backbones are seen through)."""
+    from transformers import PreTrainedModel
+
+    found = [sys.modules.get(type(m).__module__) for m in model.modules() if isinstance(m, PreTrainedModel)
+             and type(m).__module__.startswith("transformers.models.")]
+    return bool(found) and all(hasattr(mod, "create_causal_mask") for mod in found)
+
+
+def require_packing(model: nn.Module) -> None:
+    """Refuse (ConfigError, one line) packed micro-batches for a model whose code would not keep attention within
+    each packed row (`supports_packing`)."""
+    if not supports_packing(model):
+        from ppolm.errors import ConfigError
+
+        names = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("transformers.")})
+        raise ConfigError(f"ppo.max_tokens packs rows into one sequence, but this model's code "
+                          f"({', '.join(names[:2])}) does not build its attention mask with transformers' create_causal_mask, which keeps "
+                          "packed rows apart; leave ppo.max_tokens null (padded micro-batches)")
