@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from ppolm.config import ConfigError, PPORunConfig, load_config
-from ppolm.models.packing import pack_rows, require_packing, supports_packing, token_budget_batches, unpack_responses
+from ppolm.models.packing import (
+    VARLEN_SDPA, pack_rows, require_packing, supports_packing, token_budget_batches, unpack_responses,
+    use_varlen_attention,
+)
 from ppolm.models.policy import SeparateCritic, ValueHead, score_tokens
 from ppolm.models.tiny import tiny_model
 from ppolm.trainers.micro_batches import MicroBatchSizes, over_micro_batches, split_to_count
@@ -29,7 +32,7 @@ def test_pack_rows_by_hand():
     # response token 4 is predicted at flat 2 (token 9), 5 at 3, row 1's 3 at flat 5 (token 6)
     assert p.predict_index.tolist() == [2, 3, 5]
     assert p.rows.tolist() == [0, 0, 1] and p.cols.tolist() == [0, 1, 0]
-    assert (p.B, p.R) == (2, 2)
+    assert p.cu_seqlens.tolist() == [0, 5, 7] and (p.B, p.R, p.max_len) == (2, 2, 5)
 
 
 def test_pack_rows_refuses_an_empty_prompt():
@@ -101,10 +104,16 @@ def _ragged_batch(vocab: int, lengths: list[tuple[int, int]], seed: int = 0):
 LENGTHS = [(3, 1), (40, 25), (7, 2), (1, 30), (22, 9)]
 
 
+@pytest.mark.parametrize("attention", ["varlen", "block-mask"])
 @pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2", "tiny-random-qwen2"])
-def test_packed_equals_padded_scores_and_gradients(name):
+def test_packed_equals_padded_scores_and_gradients(name, attention):
+    """varlen: ppolm's per-row sdpa (what packed runs use on sdpa models); block-mask: transformers' own
+    packed-sequence mask, built from the restarting position ids (what eager attention gets)."""
     model, tok = tiny_model(name, seed=3)
     model.eval()
+    if attention == "varlen":
+        use_varlen_attention(model)
+        assert model.config._attn_implementation == VARLEN_SDPA
     torch.manual_seed(0)
     head = ValueHead(model.config.hidden_size if hasattr(model.config, "hidden_size") else 64, init="normal")
     ids, mask, R = _ragged_batch(len(tok), LENGTHS)
@@ -130,6 +139,25 @@ def test_packed_equals_padded_scores_and_gradients(name):
     for n in pad_grads:
         scale = float(pad_grads[n].abs().max()) + 1e-12
         assert float((pad_grads[n] - pack_grads[n]).abs().max()) < 1e-4 * scale, n
+
+
+def test_varlen_attention_leaves_unpacked_calls_unchanged():
+    """Padded scoring and KV-cached decoding through the varlen implementation are transformers' sdpa, bit for bit."""
+    from ppolm.rollout import generate
+
+    model, tok = tiny_model("tiny-random-qwen2", seed=5)
+    ids, mask, R = _ragged_batch(len(tok), LENGTHS, seed=2)
+    prompt_ids, prompt_mask = ids[:, :-R], mask[:, :-R]
+    uniforms = torch.rand(len(LENGTHS), 6, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for switch in (False, True):
+        if switch:
+            use_varlen_attention(model)
+        with torch.no_grad():
+            scores = score_tokens(model, ids, mask, ids[:, -R:]).logprobs
+        rollout = generate(model, tok, prompt_ids, prompt_mask, uniforms, max_new_tokens=6)
+        outs.append((scores, rollout.response_ids))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 def test_packed_equals_padded_separate_critic():

@@ -6,10 +6,18 @@ of that grid is padding, which a padded forward computes anyway. Packed, the for
 one sequence of N = sum of the row lengths, position ids restarting at 0 on each row (the positions the padded
 path gives them: cumsum of the mask - 1), and no 2D attention mask. transformers (5.x, `masking_utils.
 find_packed_sequence_indices`) then reads the row boundaries from the position ids and builds a block-diagonal
-causal mask for sdpa and eager attention, or hands flash-attention kernels the varlen row offsets: a token never
-attends to another row. Only for models whose code builds its mask with `masking_utils.create_causal_mask`
-(`supports_packing`), and only without a KV cache (`use_cache=False`: with a cache transformers assumes one
-sequence per row).
+causal mask for sdpa and eager attention: a token never attends to another row. Only for models whose code builds
+its mask with `masking_utils.create_causal_mask` (`supports_packing`), and only without a KV cache
+(`use_cache=False`: with a cache transformers assumes one sequence per row).
+
+A dense block mask still computes every query against every key of the packed sequence (N^2, where the padded
+batch computed B x T^2), which at 16 rows of ~150 tokens costs more than the padding it removes. So the forward
+also passes the rows' offsets as transformers' varlen keyword arguments (`cu_seq_lens_q/k`, `max_length_q/k`, as
+`DataCollatorWithFlattening` makes them): flash-attention kernels read them natively (transformers'
+`_flash_attention_forward`), and for sdpa, the CPU default, `use_varlen_attention` switches the model to
+`varlen_sdpa_attention`, registered with transformers' `AttentionInterface`: the same sdpa kernel, causal, once per
+row (sum of L_b^2, no cross-row work), and transformers' own sdpa for every call without those arguments
+(generation, evaluation: unchanged).
 
 Micro-batches of the packed passes are sized by tokens, not rows (`token_budget_batches`).
 """
@@ -32,7 +40,8 @@ class Packed:
     predict_index  (M,)   long  index in the N tokens of the hidden state that predicts each of the M real
                                 response tokens (token t predicts token t + 1 of the same row)
     rows, cols     (M,)   long  where those M tokens sit in the (B, R) response grid
-    B, R           the response grid's shape
+    cu_seqlens     (B+1,) int32 offsets of the rows in the N tokens (row b: [cu_seqlens[b], cu_seqlens[b+1]))
+    B, R           the response grid's shape; max_len: the longest row
     """
 
     input_ids: torch.Tensor
@@ -40,8 +49,16 @@ class Packed:
     predict_index: torch.Tensor
     rows: torch.Tensor
     cols: torch.Tensor
+    cu_seqlens: torch.Tensor
     B: int
     R: int
+    max_len: int
+
+    def attention_kwargs(self) -> dict:
+        """transformers' varlen keyword arguments for these rows (what flash-attention kernels and
+        `varlen_sdpa_attention` read)."""
+        return {"cu_seq_lens_q": self.cu_seqlens, "cu_seq_lens_k": self.cu_seqlens,
+                "max_length_q": self.max_len, "max_length_k": self.max_len}
 
 
 def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, R: int) -> Packed:
@@ -62,7 +79,9 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, R: int) -> 
         raise ValueError("pack_rows: a response token with no token before it in its row (an empty prompt)")
     return Packed(
         input_ids=input_ids[mask].unsqueeze(0), position_ids=positions[mask].unsqueeze(0),
-        predict_index=starts[rows] + own - 1, rows=rows, cols=cols, B=B, R=R,
+        predict_index=starts[rows] + own - 1, rows=rows, cols=cols,
+        cu_seqlens=torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32), B=B, R=R,
+        max_len=int(lengths.max()) if B else 0,
     )
 
 
@@ -111,3 +130,43 @@ def require_packing(model: nn.Module) -> None:
         raise ConfigError(f"ppo.max_tokens packs rows into one sequence, but this model's code "
                           f"({', '.join(names[:2])}) does not build its attention mask with transformers' create_causal_mask, which keeps "
                           "packed rows apart; leave ppo.max_tokens null (padded micro-batches)")
+
+
+VARLEN_SDPA = "ppolm_varlen_sdpa"
+
+
+def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: query (1, H, N, d), key / value (1, H_kv, N, d) of packed rows
+    whose offsets are kwargs['cu_seq_lens_q'] (B+1,) -> (1, N, H, d), each row's causal sdpa on its own tokens.
+    A call without those offsets (padded batches, generation with a KV cache) is transformers' sdpa, unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    gqa = query.shape[1] != key.shape[1]  # grouped-query attention: H_kv heads shared by H / H_kv query heads each
+    bounds = cu.tolist()
+    out = [nn.functional.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
+                                                      dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+           for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def use_varlen_attention(model: nn.Module | None) -> None:
+    """Switch every sdpa config of `model` (policy, reference, critic backbone) to `varlen_sdpa_attention`, registered
+    once with transformers (its mask function is sdpa's, so unpacked calls get their usual masks). Not saved:
+    config.json does not record the attention implementation."""
+    if model is None:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if getattr(cfg, "_attn_implementation", None) == "sdpa":
+            cfg._attn_implementation = VARLEN_SDPA

@@ -120,10 +120,11 @@ def response_hidden(
 
 def packed_response_hidden(model: PreTrainedModel, packed: Packed) -> torch.Tensor:
     """`response_hidden` of packed rows (ppolm.models.packing): one forward over their real tokens, no attention
-    mask (transformers builds the per-row block mask from the restarting position ids), no KV cache (with one,
-    transformers would not look for packed rows). -> (M, H) at the M real response tokens."""
+    mask (transformers builds the per-row block mask from the restarting position ids), the rows' varlen offsets
+    (flash attention, `varlen_sdpa_attention`), no KV cache (with one, transformers would not look for packed
+    rows). -> (M, H) at the M real response tokens."""
     out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
-                output_hidden_states=True, use_cache=False, logits_to_keep=1)
+                output_hidden_states=True, use_cache=False, logits_to_keep=1, **packed.attention_kwargs())
     return out.hidden_states[-1][0, packed.predict_index]
 
 
@@ -276,7 +277,7 @@ class SeparateCritic(nn.Module):
             p = pack_rows(input_ids, attention_mask, R)
             with backbone_autocast(self.backbone, autocast_dtype, input_ids.device):
                 out = self.backbone(input_ids=p.input_ids, position_ids=p.position_ids, attention_mask=None,
-                                    use_cache=False)
+                                    use_cache=False, **p.attention_kwargs())
             return unpack_responses(self.head(out.last_hidden_state[0, p.predict_index]), p)
         with backbone_autocast(self.backbone, autocast_dtype, input_ids.device):
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,

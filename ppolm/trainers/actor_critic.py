@@ -18,6 +18,7 @@ from ppolm.config import PPORunConfig
 from ppolm.fsdp import fsdp_requested
 from ppolm.memory import enable_activation_checkpointing
 from ppolm.models import load_model, load_tokenizer
+from ppolm.models.packing import require_packing, use_varlen_attention
 from ppolm.rewards.compose import RewardFn, Scorer
 from ppolm.models.policy import (
     SeparateCritic, TokenScores, ValueHead, apply_lora, disable_dropout, frozen_copy, hidden_size, score_tokens,
@@ -96,6 +97,10 @@ def build_actor_critic(cfg: PPORunConfig, amp: torch.dtype | None) -> tuple[Acto
             backbone = load_model(source, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed).base_model
             disable_dropout(backbone)
             critic = SeparateCritic(backbone, ValueHead(hidden_size(backbone), cfg.critic.head_init))
+    if cfg.ppo.max_tokens is not None:  # packed micro-batches (ppolm.models.packing)
+        require_packing(policy)
+        for model in (policy, critic, reference):
+            use_varlen_attention(model)
     return ActorCritic(policy, value_head, critic, temperature=cfg.rollout.temperature), reference
 
 

@@ -21,7 +21,6 @@ from typing import TypeVar
 
 import torch
 
-from ppolm.models.packing import require_packing
 from ppolm.trainers.micro_batches import MicroBatchSizes
 
 T = TypeVar("T")
@@ -90,11 +89,9 @@ class OOMRecovery:
 def micro_batching(cfg, runtime, actor: torch.nn.Module) -> tuple[MicroBatchSizes, OOMRecovery]:
     """A PPO run's micro-batch sizes (from its config; the split agrees on a count over `runtime`'s processes) and
     its OOM recovery (ppo.oom_recovery, on one process without DeepSpeed; a retry first drops `actor`'s
-    gradients). Packed micro-batches are refused for a model that cannot keep packed rows apart."""
+    gradients)."""
     sizes = MicroBatchSizes.from_config(cfg)
     if runtime.distributed:
         sizes.agree = lambda n: int(runtime.gather_floats(torch.tensor([float(n)])).max())
-    if sizes.packed:
-        require_packing(actor)
     enabled = cfg.ppo.oom_recovery and runtime.world_size == 1 and not runtime.deepspeed
     return sizes, OOMRecovery(sizes, enabled, reset=lambda: actor.zero_grad(set_to_none=True))
