@@ -135,15 +135,29 @@ def require_packing(model: nn.Module) -> None:
 VARLEN_SDPA = "ppolm_varlen_sdpa"
 
 
+def row_offsets(position_ids: torch.Tensor) -> torch.Tensor:
+    """(1, N) positions of packed rows -> (B+1,) int32 offsets: a row starts wherever the position does not follow
+    the previous one (as transformers' find_packed_sequence_indices reads them)."""
+    pos = position_ids[0]
+    starts = torch.nonzero(torch.diff(pos, prepend=pos[:1] - 2) != 1).flatten()
+    return torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
+
+
 def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query (1, H, N, d), key / value (1, H_kv, N, d) of packed rows
-    whose offsets are kwargs['cu_seq_lens_q'] (B+1,) -> (1, N, H, d), each row's causal sdpa on its own tokens.
-    A call without those offsets (padded batches, generation with a KV cache) is transformers' sdpa, unchanged."""
+    -> (1, N, H, d), each row's causal sdpa on its own tokens. The rows are kwargs['cu_seq_lens_q'] (B+1,) offsets,
+    or read from kwargs['position_ids']. Any other call (padded batches, generation with a KV cache) is
+    transformers' sdpa, unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
+    pos = kwargs.get("position_ids")
+    if (cu is None and attention_mask is None and pos is not None and pos.dim() == 2 and pos.shape[0] == 1
+            and pos.shape[1] == query.shape[2] > 1):
+        cu = row_offsets(pos)
+        cu = cu if cu.numel() > 2 else None  # one row: plain causal sdpa
     if cu is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -155,18 +169,34 @@ def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
 
+def _varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+    """The mask for `varlen_sdpa_attention`: none without a padding mask (no N x N block mask is built for packed
+    rows: the attention reads the row offsets; unpadded plain calls are causal, which sdpa does without a mask),
+    else sdpa's. Only for models without sliding-window layers (`use_varlen_attention`)."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def _sliding(cfg) -> bool:
+    layer_types = getattr(cfg, "layer_types", None) or []
+    return (getattr(cfg, "use_sliding_window", True) and getattr(cfg, "sliding_window", None) is not None) or any(
+        "sliding" in str(t) for t in layer_types)
+
+
 def use_varlen_attention(model: nn.Module | None) -> None:
     """Switch every sdpa config of `model` (policy, reference, critic backbone) to `varlen_sdpa_attention`, registered
-    once with transformers (its mask function is sdpa's, so unpacked calls get their usual masks). Not saved:
-    config.json does not record the attention implementation."""
+    once with transformers. Not for a model with sliding-window layers (their masks are not plain causal: those
+    keep transformers' sdpa with its packed block mask). Not saved: config.json does not record the attention
+    implementation."""
     if model is None:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, _varlen_mask)
     for m in model.modules():
         cfg = getattr(m, "config", None)
-        if getattr(cfg, "_attn_implementation", None) == "sdpa":
+        if getattr(cfg, "_attn_implementation", None) == "sdpa" and not _sliding(cfg):
             cfg._attn_implementation = VARLEN_SDPA
