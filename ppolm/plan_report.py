@@ -158,7 +158,9 @@ def resolve_memory(cfg, runtime, prompt_tokens: int) -> tuple[bool | str, int | 
     mode = cfg.gradient_checkpointing
     if mode != "auto":
         return mode, None
-    accum_free = "grad_accum_steps" not in cfg.ppo.model_fields_set
+    # ppo.max_tokens sizes micro-batches by tokens and the config refuses it together with grad_accum_steps > 1,
+    # so under max_tokens the planner leaves the row split alone.
+    accum_free = "grad_accum_steps" not in cfg.ppo.model_fields_set and cfg.ppo.max_tokens is None
     saved = saved_settings(cfg.output_dir) if cfg.resume else None
     if saved is not None:
         return saved[0], saved[1] if accum_free else None

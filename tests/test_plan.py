@@ -210,6 +210,9 @@ def test_auto_resolution_against_the_budget(monkeypatch, tmp_path):
     assert peak_of(shape, replace(w, micro_rows=micro), Layout("single", 1), mode)[0] <= peaks[True] - 1
     pinned = load_config(PPORunConfig, None, [*TINY, "rollout.max_new_tokens=200", "ppo.grad_accum_steps=1"])
     assert plan_report.resolve_memory(pinned, _Runtime(), 40) == (True, None)
+    # ppo.max_tokens sizes the micro-batches by tokens: auto must not add a row split the config refuses with it
+    tokens = load_config(PPORunConfig, None, [*TINY, "rollout.max_new_tokens=200", "ppo.max_tokens=4096"])
+    assert plan_report.resolve_memory(tokens, _Runtime(), 40) == (True, None)
     fixed = load_config(PPORunConfig, None, [*TINY, "gradient_checkpointing=true"])
     assert plan_report.resolve_memory(fixed, _Runtime(), 40) == (True, None)  # an explicit value is kept
 
