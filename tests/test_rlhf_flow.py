@@ -108,3 +108,19 @@ def test_seed_table_and_acceptance_checks():
     assert [c[1] for c in checks] == [True, True, True, True, None] and checks[-1][2] == "0.50"
     assert acceptance(seed_means([summary(0, 0.65)]))[0][1] is False
     assert "| ppo | 1.000 ± 0.000 | 0.750 ± 0.071 |" in markdown([summary(0, 0.7), summary(1, 0.8)])
+
+
+def test_checks_reuse_the_trainers_reference_when_it_is_the_same_model():
+    """The PPO stage's held-out checks measure KL to the task's reference_model; when that is the run's own frozen
+    reference they use it instead of loading a second copy (which OOM-killed the full flow's PPO stage)."""
+    from types import SimpleNamespace
+
+    from ppolm.trainers.actor_critic import shared_reference
+
+    task = SimpleNamespace(options=SimpleNamespace(reference_model="tiny-random-llama"))
+    ref = object()
+    assert shared_reference(ref, "tiny-random-llama", task, 1) is ref
+    assert shared_reference(ref, "tiny-random-llama", task, 2) is None  # sharded under 2 processes: load apart
+    assert shared_reference(ref, "tiny-random-gpt2", task, 1) is None  # SFT->PPO: the reference is the SFT model
+    assert shared_reference(None, "tiny-random-llama", task, 1) is None  # LoRA: no separate reference
+    assert shared_reference(ref, "tiny-random-llama", SimpleNamespace(options=None), 1) is None

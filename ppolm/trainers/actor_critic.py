@@ -157,3 +157,15 @@ def build_scorer(cfg: PPORunConfig, reward_fn: RewardFn | list[RewardFn] | None,
         rm.eval()
         rm_tok = load_tokenizer(r.model, trust_remote_code=cfg.trust_remote_code)
     return Scorer(fns, rm, rm_tok, r.model_weight, r.normalize, r.clip, r.missing_eos_penalty, amp)
+
+
+def shared_reference(reference, model: str, task, world_size: int):
+    """The run's frozen reference when the held-out checks' reference model (the task's `reference_model`
+    option) is that same model, on one process (a sharded reference cannot run on the main process alone), so
+    the checks need no second copy of the weights; else None (the checks load their own)."""
+    from ppolm.models.load import resolve
+
+    name = getattr(getattr(task, "options", None), "reference_model", None)
+    if reference is None or world_size != 1 or not name:
+        return None
+    return reference if resolve(name) == resolve(model) else None

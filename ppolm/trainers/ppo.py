@@ -40,7 +40,8 @@ from ppolm.rollout import generate
 from ppolm.runtime import Runtime, autocast_dtype
 from ppolm.sampling import row_uniforms
 from ppolm.tasks import Example, Task, build_task
-from ppolm.trainers.actor_critic import build_actor_critic, build_scorer, param_groups, reference_logprobs
+from ppolm.trainers.actor_critic import (build_actor_critic, build_scorer, param_groups, reference_logprobs,
+                                         shared_reference)
 from ppolm.trainers.common import StepOutput, split_held_out, train_loop
 from ppolm.trainers.dynamic_sampling import Round, fill_batch, refill_rows, refill_streams
 from ppolm.trainers.micro_batches import generate_in_chunks, over_micro_batches
@@ -123,7 +124,8 @@ class PPOTrainer:
         self.watch = Watch(cfg.eval, cfg.guard, self.task, eval_examples or [], self.tokenizer, cfg.output_dir,
                            autocast=self.amp, seed=cfg.seed, is_main=self.runtime.is_main,
                            export=self.checkpointer.export_final, resumed=self.start_step > 0,
-                           agree=self.runtime.from_main)
+                           agree=self.runtime.from_main, reference=shared_reference(
+                               self.reference, cfg.model, self.task, self.runtime.world_size))
         if self.runtime.is_main:
             path = save_config(cfg, cfg.output_dir)
             a = cfg.algo

@@ -79,7 +79,7 @@ class Watch:
     def __init__(self, eval_cfg: EvalConfig, guard: GuardConfig, task: Task, examples: Sequence[Example],
                  tokenizer: PreTrainedTokenizerBase, output_dir: str | Path, *, autocast: torch.dtype | None,
                  seed: int, is_main: bool, export: Callable[[str], Path | None], resumed: bool,
-                 agree: Callable[[dict], dict] | None = None):
+                 agree: Callable[[dict], dict] | None = None, reference: PreTrainedModel | None = None):
         self.cfg, self.guard, self.task, self.tokenizer = eval_cfg, guard, task, tokenizer
         self.examples = spread(list(examples), eval_cfg.limit)
         self.metric = eval_cfg.metric or task.primary_metric
@@ -90,7 +90,9 @@ class Watch:
         self.best_value: float | None = None
         self.best_se: float | None = None
         self.best_step: int | None = None
-        self._ref: PreTrainedModel | None = None  # the task's reference model, loaded at the first check
+        # the task's reference model: the trainer's own when it is that model (a second copy of the weights cost
+        # the RLHF flow's PPO stage an OOM kill), else loaded at the first check
+        self._ref: PreTrainedModel | None = reference
         best = self.out / "best.json"
         if is_main:
             # A fresh run must not inherit an earlier run's best; no run, fresh or resumed, inherits a guard
