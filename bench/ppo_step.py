@@ -90,7 +90,7 @@ def ppolm_trainer_overrides(model: str, rm: str, steps: int, R: int, out_dir: Pa
         f"model={model}", f"output_dir={out_dir}", "task.name=toy", "task.options.prompt_words=30",
         f"rollout.batch_size={B}", f"rollout.max_new_tokens={R}", f"rollout.min_new_tokens={R}",
         "ppo.minibatch_size=8", "log.progress=false", "log.tensorboard=false", f"reward.model={rm}",
-        "optim.lr=1e-6", f"max_steps={steps + 1}", "checkpoint.every=0",
+        "optim.lr=1e-6", f"max_steps={steps + 2}", "checkpoint.every=0",
     ]
 
 
@@ -122,8 +122,10 @@ def update_flops(trainer, n_tokens: int, n_resp: int) -> float:
     return trainer.cfg.ppo.epochs * per_epoch - (per_epoch / 3 if fused else 0.0)
 
 
-def child(side: str, model: str, steps: int, R: int, rm: str, overrides: tuple[str, ...] = ()) -> dict:
-    """One side's medians (s/step by phase), its peak RSS and, for ppolm, the update phase's FLOPs."""
+def child(side: str, model: str, steps: int, R: int, rm: str, overrides: tuple[str, ...] = (),
+          profiled: bool = False) -> dict:
+    """One side's medians (s/step by phase), its peak RSS and, for ppolm, the update phase's FLOPs; with
+    `profiled`, a ppolm side runs one more step under torch.profiler, its time grouped (bench/profile_groups.py)."""
     from ppolm.data.collate import left_pad_collate
     from ppolm.models import load_model, load_tokenizer
 
@@ -141,6 +143,10 @@ def child(side: str, model: str, steps: int, R: int, rm: str, overrides: tuple[s
             n_tokens = statistics.median(B * (len(max(p, key=len)) + R) for p in prompts[1:])
             out["update_flops"] = update_flops(trainer, n_tokens, B * R)
             out["bf16"] = trainer.amp == torch.bfloat16
+            if profiled:  # after the timed steps, so the profiler's overhead touches none of them
+                from profile_groups import profile
+
+                out["profile"] = profile(lambda: trainer.step(steps + 1))
         else:
             from floor import FloorPPO
 
@@ -155,9 +161,10 @@ def child(side: str, model: str, steps: int, R: int, rm: str, overrides: tuple[s
     return out
 
 
-def run_side(side: str, model: str, steps: int, R: int, rm: str, overrides: list[str]) -> dict:
+def run_side(side: str, model: str, steps: int, R: int, rm: str, overrides: list[str], profiled: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--models", model, "--steps", str(steps),
-           "--responses", str(R), "--rm", rm, *(a for o in overrides for a in ("--set", o))]
+           "--responses", str(R), "--rm", rm, *(a for o in overrides for a in ("--set", o)),
+           *(["--profile"] if profiled else [])]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{side} failed:\n{done.stderr[-3000:]}")
@@ -173,12 +180,15 @@ def main() -> None:
                     help="any of " + ", ".join(SIDES) + " (ppolm-lora: LoRA adapters against a full-rank floor)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for the ppolm sides (repeatable)")
+    ap.add_argument("--profile", action="store_true",
+                    help="ppolm sides: one more step under torch.profiler, its time by kind of work")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rm", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     lengths = [int(x) for x in args.responses.split(",")]
     if args.child:
-        print(json.dumps(child(args.child, args.models, args.steps, lengths[0], args.rm, tuple(args.set))))
+        print(json.dumps(child(args.child, args.models, args.steps, lengths[0], args.rm, tuple(args.set),
+                               args.profile)))
         return
     sides = args.sides.split(",")
     unknown = [s for s in sides if s not in SIDES]
@@ -193,7 +203,7 @@ def main() -> None:
     for model in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             rm = rm_dir(model, Path(tmp))
-            by_len = {R: {side: run_side(side, model, args.steps, R, rm, args.set) for side in sides}
+            by_len = {R: {side: run_side(side, model, args.steps, R, rm, args.set, args.profile) for side in sides}
                       for R in lengths}
         for R, res in by_len.items():
             print(f"\n== {model}: batch {B}, response {R}, medians of {args.steps} steps (s/step)")
@@ -210,6 +220,11 @@ def main() -> None:
                 print(f"{'phase':12s}" + "".join(f" {a + '/' + b:>29s}" for a, b in pairs))
                 for k in PHASES:
                     print(f"{k:12s}" + "".join(f" {res[a][k] / res[b][k]:29.2f}" for a, b in pairs))
+            for s in sides:
+                if "profile" in res[s]:
+                    from profile_groups import line
+
+                    print(f"{s}: {line(res[s]['profile'])}")
             if "ppolm" in res:  # (ppolm-lora computes no weight gradients: its FLOPs are not these)
                 p = res["ppolm"]
                 peak = peak16 if p["bf16"] else peak32

@@ -1,0 +1,44 @@
+"""bench/profile_groups.py: ops land in the right group and the groups add up to the step's wall time."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from profile_groups import ORDER, group_of, grouped, profile  # noqa: E402
+
+
+@pytest.mark.parametrize("op, group", [
+    ("aten::mm", "matmul"), ("aten::addmm", "matmul"), ("aten::bmm", "matmul"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("aten::_fused_adamw_", "optimizer"), ("aten::_foreach_norm", "optimizer"),
+    ("aten::_to_copy", "casts & copies"), ("aten::copy_", "casts & copies"), ("aten::index_select", "casts & copies"),
+    ("aten::mul", "elementwise & reductions"), ("aten::silu", "elementwise & reductions"),
+    ("aten::sum", "elementwise & reductions"), ("## forward ##", None), ("Optimizer.step#AdamW.step", None),
+])
+def test_group_of(op, group):
+    assert group_of(op) == group
+
+
+def test_grouped_by_hand():
+    # 2.0 s wall: 0.8 s of matmul, 0.3 attention, 0.1 + 0.1 casts, 0.2 elementwise, a label's 0.1 s self time is
+    # Python: 2.0 - 1.5 = 0.5 s unaccounted
+    times = {"aten::mm": 0.5, "aten::addmm": 0.3, "aten::_scaled_dot_product_flash_attention_for_cpu": 0.3,
+             "aten::_to_copy": 0.1, "aten::copy_": 0.1, "aten::mul": 0.2, "## forward ##": 0.1}
+    g = grouped(times, 2.0)
+    assert list(g) == ORDER
+    assert g["matmul"] == pytest.approx(0.8) and g["attention"] == pytest.approx(0.3)
+    assert g["casts & copies"] == pytest.approx(0.2) and g["elementwise & reductions"] == pytest.approx(0.2)
+    assert g["optimizer"] == 0.0 and g["python & other"] == pytest.approx(0.5)
+    assert grouped({"aten::mm": 3.0}, 2.0)["python & other"] == 0.0  # never negative
+
+
+def test_profile_of_a_matmul_heavy_step():
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    g = profile(lambda: [a @ b for _ in range(20)])
+    assert g["matmul"] > 0.5 * g["wall"]  # 20 products of 256 x 256: the GEMMs are most of the time
+    assert sum(g[k] for k in ORDER) >= g["wall"] * (1 - 1e-9)  # nothing of the wall time is lost
