@@ -24,7 +24,7 @@ GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("attention", ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_flash_attention",
                    "aten::_efficient_attention")),
     ("optimizer", ("aten::_fused_adamw", "aten::_fused_adam", "aten::_foreach_")),
-    ("casts & copies", ("aten::to", "aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous",
+    ("casts & copies", ("aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous",
                         "aten::cat", "aten::stack", "aten::index", "aten::gather", "aten::scatter",
                         "aten::embedding", "aten::masked_fill", "aten::fill_", "aten::zero_", "aten::empty",
                         "aten::resize_", "aten::pad", "aten::constant_pad_nd")),
@@ -36,6 +36,8 @@ ORDER = [g for g, _ in GROUPS] + ["python & other"]
 def group_of(op: str) -> str | None:
     """The group of an op name (`aten::mm` -> 'matmul'), None for a non-aten event (a record_function label,
     whose self time is Python and counts in 'python & other')."""
+    if op == "aten::to":  # the cast's dispatcher; a prefix would also take aten::topk
+        return "casts & copies"
     for group, prefixes in GROUPS:
         if op.startswith(prefixes):
             return group

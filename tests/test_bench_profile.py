@@ -16,7 +16,7 @@ from profile_groups import ORDER, group_of, grouped, profile  # noqa: E402
     ("aten::mm", "matmul"), ("aten::addmm", "matmul"), ("aten::bmm", "matmul"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
     ("aten::_fused_adamw_", "optimizer"), ("aten::_foreach_norm", "optimizer"),
-    ("aten::_to_copy", "casts & copies"), ("aten::copy_", "casts & copies"), ("aten::index_select", "casts & copies"),
+    ("aten::to", "casts & copies"), ("aten::topk", "elementwise & reductions"), ("aten::_to_copy", "casts & copies"), ("aten::copy_", "casts & copies"), ("aten::index_select", "casts & copies"),
     ("aten::mul", "elementwise & reductions"), ("aten::silu", "elementwise & reductions"),
     ("aten::sum", "elementwise & reductions"), ("## forward ##", None), ("Optimizer.step#AdamW.step", None),
 ])
