@@ -329,7 +329,8 @@ class CommonConfig(Section):
     gradient_checkpointing: Literal[False, True, "selective", "auto"] = "auto"
     """Activation checkpointing of the trained transformer. 'auto' (default): PPO takes false when the memory plan
     (`ppolm plan`) fits the memory available to the process (or the device's), else the cheapest mode that fits
-    (and micro-batches, ppo.grad_accum_steps, when none fits the whole minibatch and that key is not set); SFT, RM
+    (and micro-batches, ppo.grad_accum_steps, when none fits the whole minibatch and neither that key nor
+    ppo.max_tokens is set); SFT, RM
     and DPO take 'selective'; the choice is printed at start and saved in config.yaml (a resume keeps it).
     'selective': each layer keeps its matmul and
     attention outputs and recomputes the cheap ops (norms, activations, rotary, casts) in the backward, the same
