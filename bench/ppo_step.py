@@ -222,9 +222,11 @@ def main() -> None:
                     print(f"{k:12s}" + "".join(f" {res[a][k] / res[b][k]:29.2f}" for a, b in pairs))
             for s in sides:
                 if "profile" in res[s]:
-                    from profile_groups import line
+                    from profile_groups import line, top_lines
 
                     print(f"{s}: {line(res[s]['profile'])}")
+                    print("\n".join(["largest ops of the profiled step (self time, by input shapes):",
+                                     *top_lines(res[s]["profile"])]))
             if "ppolm" in res:  # (ppolm-lora computes no weight gradients: its FLOPs are not these)
                 p = res["ppolm"]
                 peak = peak16 if p["bf16"] else peak32

@@ -56,19 +56,25 @@ def grouped(self_times: dict[str, float], wall: float) -> dict[str, float]:
     return out
 
 
-def profile(fn: Callable[[], object]) -> dict[str, float]:
-    """Run fn once under torch.profiler (CPU) and return seconds per group, plus 'wall'."""
+def profile(fn: Callable[[], object], top: int = 10) -> dict:
+    """Run fn once under torch.profiler (CPU) and return seconds per group, 'wall', and 'top': the `top` aten ops
+    by self time as [op, input shapes, calls, seconds] (an op with one shape that costs far more than its FLOPs
+    is how the LM head's batched product and the page faults of docs/bench.md were found)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         t0 = time.perf_counter()
         fn()
         wall = time.perf_counter() - t0
     self_times: dict[str, float] = {}
-    for evt in prof.key_averages():
+    by_shape = []
+    for evt in prof.key_averages(group_by_input_shape=True):
         self_times[evt.key] = self_times.get(evt.key, 0.0) + evt.self_cpu_time_total / 1e6
-    return {**grouped(self_times, wall), "wall": wall}
+        if group_of(evt.key) is not None:
+            by_shape.append([evt.key, str(evt.input_shapes), evt.count, evt.self_cpu_time_total / 1e6])
+    by_shape.sort(key=lambda r: -r[3])
+    return {**grouped(self_times, wall), "wall": wall, "top": by_shape[:top]}
 
 
 def line(groups: dict[str, float]) -> str:
@@ -77,3 +83,9 @@ def line(groups: dict[str, float]) -> str:
     parts = [f"{g} {groups[g]:.2f} s ({100 * groups[g] / wall:.0f}%)" for g in ORDER]
     return (f"profiled step {wall:.2f} s: " + ", ".join(parts)
             + f"; non-matmul {wall - groups['matmul']:.2f} s = {100 * (1 - groups['matmul'] / wall):.0f}%")
+
+
+def top_lines(groups: dict) -> list[str]:
+    """The profile's largest ops, one printable line each: seconds, calls, group, op, input shapes."""
+    return [f"  {sec:7.3f} s {calls:6d}x  {group_of(op):24s} {op} {shapes}"
+            for op, shapes, calls, sec in groups.get("top", [])]

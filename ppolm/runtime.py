@@ -28,6 +28,10 @@ class Runtime:
         if not torch.cuda.is_available():
             # gloo on CPU: pin the loopback interface (interface auto-selection is flaky on some hosts)
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            # and tensors in host memory: reuse freed blocks instead of page-faulting fresh ones every step
+            from ppolm.memory import retain_freed_memory
+
+            retain_freed_memory()
         refuse_fp16(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
         if zero.deepspeed_requested():
             zero.check_launch()  # before any model loads

@@ -42,3 +42,14 @@ def test_profile_of_a_matmul_heavy_step():
     g = profile(lambda: [a @ b for _ in range(20)])
     assert g["matmul"] > 0.5 * g["wall"]  # 20 products of 256 x 256: the GEMMs are most of the time
     assert sum(g[k] for k in ORDER) >= g["wall"] * (1 - 1e-9)  # nothing of the wall time is lost
+
+
+def test_profile_lists_its_largest_ops_with_their_shapes():
+    a, b, c = torch.randn(256, 256), torch.randn(256, 256), torch.randn(64, 64)
+    g = profile(lambda: [(a @ b, c + c) for _ in range(10)], top=3)
+    op, shapes, calls, seconds = g["top"][0]
+    assert op == "aten::mm" and shapes == "[[256, 256], [256, 256]]" and calls == 10 and seconds > 0
+    assert len(g["top"]) <= 3 and all(r[3] <= seconds for r in g["top"])
+    from profile_groups import top_lines
+
+    assert "aten::mm [[256, 256], [256, 256]]" in top_lines(g)[0] and "matmul" in top_lines(g)[0]

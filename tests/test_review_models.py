@@ -46,15 +46,27 @@ def _tiny(arch: str, **extra):
     ("Gemma2", {"final_logit_softcapping": 2.0, "head_dim": 8}),
     ("Cohere", {"logit_scale": 3.0}),
     ("Granite", {"logits_scaling": 0.25}),
+    ("Llama", {}), ("Qwen2", {}), ("Mistral", {}), ("Gemma", {"head_dim": 8}), ("Phi3", {}), ("GPT2", {}),
+    ("OPT", {"ffn_dim": 64, "word_embed_proj_dim": 32}),
 ])
 def test_scoring_matches_the_models_own_logits(arch, extra):
+    """score_tokens reads the decoder stack's hidden states (policy.last_hidden: the CausalLM's own LM head is not
+    run) and applies the head itself: the log-probs of the model's own forward, left padding included."""
+    from ppolm.models.policy import decoder_of
+
     model = _tiny(arch, **extra)
+    assert decoder_of(model) is not None  # the direct path is the one tested
     ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded row
     resp = ids[:, -3:]
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[:, -4:-1].float()
+        from ppolm.rollout import position_ids_from_mask
+
+        kw = {} if arch in ("OPT",) else {"position_ids": position_ids_from_mask(mask)}
+        logits = model(input_ids=ids, attention_mask=mask, **kw).logits[:, -4:-1].float()
         expected = torch.log_softmax(logits, -1).gather(-1, resp.unsqueeze(-1)).squeeze(-1)
-        got = score_tokens(model, ids, torch.ones_like(ids), resp).logprobs
+        got = score_tokens(model, ids, mask, resp).logprobs
     assert torch.allclose(got, expected, atol=1e-4), float((got - expected).abs().max())
 
 

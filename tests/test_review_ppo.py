@@ -35,7 +35,9 @@ def test_update_forward_runs_in_train_mode_rollout_in_eval_mode(tmp_path):
     assert t.fused_first_forward()
     t.actor.eval()  # what from_pretrained returns
     calls = []
-    t.actor.policy.register_forward_pre_hook(lambda m, a: calls.append((torch.is_grad_enabled(), m.training)))
+    # on the decoder stack: the rollout reaches it through the CausalLM, scoring calls it directly (last_hidden)
+    t.actor.policy.get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: calls.append((torch.is_grad_enabled(), m.training)), with_kwargs=True)
     t.step(0)
     grad_calls = [training for grad, training in calls if grad]
     no_grad_calls = [training for grad, training in calls if not grad]

@@ -235,3 +235,36 @@ def test_chunked_lm_head_scores_like_one_projection(monkeypatch, amp, entropy_gr
         again = score_tokens(load_model("tiny-random-llama"), ids, mask, resp, autocast_dtype=amp,
                              temperature=0.7).logprobs
     torch.testing.assert_close(again, want.logprobs.detach(), rtol=0, atol=1e-6)
+
+
+_RETAIN_CHILD = """
+import sys, torch
+from ppolm.memory import retain_freed_memory
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+took = retain_freed_memory()
+before = rss_mb()
+x = torch.ones(200 * 2**20 // 4)  # 200 MB: above glibc's default mmap threshold (32 MB at most)
+del x
+print(took, rss_mb() - before)
+"""
+
+
+@pytest.mark.parametrize("setting, retained", [("1", True), ("0", False)])
+def test_freed_large_tensors_stay_in_the_heap_for_reuse_unless_turned_off(setting, retained):
+    """retain_freed_memory (every CPU Runtime calls it): a freed 200 MB tensor stays resident for the next step's
+    tensors instead of going back to the kernel (whose fresh pages must be faulted in again);
+    PPOLM_MALLOC_TUNING=0 restores glibc's default, where it is unmapped at once."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt is Linux-only")
+    import os
+
+    env = {**os.environ, "PPOLM_MALLOC_TUNING": setting, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _RETAIN_CHILD], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    took, kept_mb = out.stdout.split()
+    assert took == str(retained)
+    assert (float(kept_mb) > 150) if retained else (float(kept_mb) < 50), kept_mb
