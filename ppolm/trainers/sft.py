@@ -31,7 +31,7 @@ from ppolm.data.collate import apply_chat_template, right_pad_collate
 from ppolm.data.readers import read_records
 from ppolm.errors import DataError, ModelLoadError
 from ppolm.models import load_model, load_tokenizer
-from ppolm.models.policy import autocast_ctx, token_logprobs
+from ppolm.models.policy import autocast_ctx, last_hidden, token_logprobs
 from ppolm.rollout import position_ids_from_mask
 from ppolm.plan_report import settle_checkpointing
 from ppolm.runtime import Runtime, autocast_dtype
@@ -219,13 +219,9 @@ class CompletionLogprobs(nn.Module):
         The LM head runs in fp32 and only at the N trained positions, (N, V) instead of (B, T, V): prompt
         positions need no vocabulary projection at all.
         """
-        with autocast_ctx(autocast_dtype, batch.input_ids.device):
-            out = self.lm(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=position_ids_from_mask(batch.attention_mask),
-                output_hidden_states=True, use_cache=False, logits_to_keep=1,
-            )
-        hidden = out.hidden_states[-1][:, :-1]
+        with autocast_ctx(autocast_dtype, batch.input_ids.device):  # (the decoder stack: no LM head inside)
+            hidden = last_hidden(self.lm, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 position_ids=position_ids_from_mask(batch.attention_mask))[:, :-1]
         trained = batch.loss_mask > 0
         logprobs = token_logprobs(self.lm, hidden[trained], batch.labels[trained])[0]
         return torch.zeros(batch.loss_mask.shape, dtype=logprobs.dtype, device=logprobs.device).masked_scatter(
