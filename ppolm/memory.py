@@ -131,19 +131,21 @@ RETAIN_BLOCKS_UP_TO, RETAIN_FREED_UP_TO = 1 << 30, 1 << 31
 
 
 def retain_freed_memory() -> bool:
-    """Keep freed blocks in the process's heap for reuse instead of handing them back to the kernel (glibc only;
-    `PPOLM_MALLOC_TUNING=0` turns it off). Returns whether it took effect.
+    """Keep freed blocks in the process's heap for reuse instead of handing them back to the kernel (glibc only).
+    Opt-in, `PPOLM_MALLOC_TUNING=1` (every CPU Runtime calls this); returns whether it took effect.
 
-    Why: glibc serves every block above its mmap threshold (at most 32 MB by default) with fresh pages and unmaps
-    them on free, so each step's large tensors (the (B, R, V) logits and their softmax, the (V, H) gradient of a
-    tied embedding, ...) are page-faulted and zeroed by the kernel again at every step: a 113 MB `a + b` took
-    0.09 s against 0.02 s in reused memory on this CPU (docs/bench.md). The cost is that memory freed after a
-    peak stays resident up to RETAIN_FREED_UP_TO (the peak itself is not raised by it)."""
+    Why it exists: glibc serves every block above its mmap threshold (at most 32 MB by default) with fresh pages
+    and unmaps them on free, so each step's large tensors (the (B, R, V) logits and their softmax, the (V, H)
+    gradient of a tied embedding, ...) are page-faulted and zeroed by the kernel again at every step: a 113 MB
+    `a + b` took 0.09 s against 0.02 s in reused memory on the 2-core CPU. Why it is not the default: on the
+    embedded model's PPO step (bench/ppo_step.py, three interleaved repetitions) it raised the peak by 0.1-0.25
+    GiB (freed memory stays resident, and the heap fragments) for a step-time gain within that machine's noise
+    (ratios 0.86-1.21); docs/bench.md."""
     import ctypes
     import os
     import sys
 
-    if os.environ.get("PPOLM_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get("PPOLM_MALLOC_TUNING", "0") != "1" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

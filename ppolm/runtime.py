@@ -28,7 +28,7 @@ class Runtime:
         if not torch.cuda.is_available():
             # gloo on CPU: pin the loopback interface (interface auto-selection is flaky on some hosts)
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-            # and tensors in host memory: reuse freed blocks instead of page-faulting fresh ones every step
+            # PPOLM_MALLOC_TUNING=1: reuse freed host memory instead of page-faulting fresh blocks every step
             from ppolm.memory import retain_freed_memory
 
             retain_freed_memory()
