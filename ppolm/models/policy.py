@@ -191,8 +191,8 @@ def lm_logits_fp32(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor
         bias = _full(head.bias).float() if getattr(head, "bias", None) is not None else None
         # One (N, H) x (H, V) product: given a sliced (B, R, H) input and a weight without grad (the frozen
         # reference), F.linear would not fold the batch dimensions and would run a batched product against the
-        # weight expanded B times (1.7x slower at 8 x 24 rows of the embedded model, one thread; and not the policy's
-        # kernel, so the reference's rounding differed from the policy's)
+        # weight expanded B times (the same numbers here, but 1.7x slower at 8 x 24 rows of the embedded model, one
+        # thread)
         flat = nn.functional.linear(hidden.float().reshape(-1, hidden.shape[-1]), weight, bias)
         return final_logit_transform(model.config, flat.reshape(*hidden.shape[:-1], -1))
 
