@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=96, help="validation prompts evaluated (an even spread)")
     p.add_argument("--base", action="store_true", help="also evaluate the base model")
     p.add_argument("--trained", help="evaluate this already trained model directory instead of training one "
-                   "(e.g. the run's own ppo/final: the shipped recipe's row)")
+                   "(e.g. the run's own ppo/final: the shipped recipe's row); overrides then change nothing")
     p.add_argument("overrides", nargs="*", help="flow config overrides, e.g. ppo.kl.coef=0.1")
     args = p.parse_args(argv)
 
@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = {"base": metrics_of(ev.sample(None)), **rows}
     for name, m in rows.items():
         print(f"{name}: {headline(m)}  (judge se {m['judge_positive_share_se']:.3f}, n {m['n']})")
-    (out / "summary.json").write_text(json.dumps({"overrides": args.overrides, "trained": args.trained, "train_seconds": secs,
-                                                  "split": "validation", "methods": rows}, indent=2))
+    summary = {"overrides": args.overrides, "trained": args.trained, "train_seconds": secs, "split": "validation",
+               "methods": rows}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
 
 

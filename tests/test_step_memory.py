@@ -253,7 +253,7 @@ print(took, rss_mb() - before)
 
 
 @pytest.mark.parametrize("setting, retained", [("1", True), ("0", False)])
-def test_freed_large_tensors_stay_in_the_heap_for_reuse_unless_turned_off(setting, retained):
+def test_freed_large_tensors_stay_in_the_heap_only_when_turned_on(setting, retained):
     """retain_freed_memory (every CPU Runtime calls it) with PPOLM_MALLOC_TUNING=1: a freed 200 MB tensor stays
     resident for the next step's tensors instead of going back to the kernel (whose fresh pages must be faulted
     in again); by default (0) glibc's behaviour is kept, where it is unmapped at once."""
