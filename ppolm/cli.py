@@ -216,6 +216,27 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = _main(argv)
+    _end_distributed_process(rc)
+    return rc
+
+
+def _end_distributed_process(rc: int) -> None:
+    """A rank of a multi-process run leaves with os._exit once its output is flushed: its work and files are done
+    (the last collective has returned), and interpreter shutdown with gloo's threads still around sometimes
+    aborted a finished rank ("terminate called without an active exception", exit -6) even after
+    destroy_process_group (twice in this repository's test suite on 2026-12-03)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        import os
+
+        _close_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
