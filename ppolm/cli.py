@@ -216,24 +216,21 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    rc = _main(argv)
-    _end_distributed_process(rc)
-    return rc
-
-
-def _end_distributed_process(rc: int) -> None:
-    """A rank of a multi-process run leaves with os._exit once its output is flushed: its work and files are done
-    (the last collective has returned), and interpreter shutdown with gloo's threads still around sometimes
-    aborted a finished rank ("terminate called without an active exception", exit -6) even after
-    destroy_process_group (twice in this repository's test suite on 2026-12-03)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    try:
+        rc = _main(argv)
+    finally:
+        multi_process = _close_process_group()
+    if multi_process:
+        # A rank of a multi-process run leaves with os._exit once its output is flushed: its work and files are
+        # done, and interpreter shutdown with gloo's threads still around aborted a finished rank even after
+        # destroy_process_group ("terminate called without an active exception", exit -6; twice in this
+        # repository's test suite on 2026-12-03). Only on a return: an exception keeps its traceback.
         import os
 
-        _close_process_group()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)
+    return rc
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -253,16 +250,18 @@ def _main(argv: list[str] | None = None) -> int:
         # output piped into `head` and the like: not an error of ours
         sys.stderr.close()
         return 0
-    finally:
-        _close_process_group()
 
 
-def _close_process_group() -> None:
+def _close_process_group() -> bool:
     """Tear the process group down before the interpreter does: gloo's threads, left to interpreter exit,
-    sometimes abort a finished rank ("terminate called without an active exception", exit -6)."""
+    sometimes abort a finished rank ("terminate called without an active exception", exit -6). Returns whether
+    the group had more than one process."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        multi_process = dist.get_world_size() > 1
         dist.destroy_process_group()
+        return multi_process
+    return False
 
 
 if __name__ == "__main__":
