@@ -249,7 +249,8 @@ class CriticConfig(Section):
     kind: Literal["head", "separate"] = "head"
     """'head': a value head on the policy's backbone (one forward for both); 'separate': its own model."""
     init: Literal["policy", "reward"] = "policy"
-    """Initialize a separate critic from the policy weights or from the reward model."""
+    """Initialize a separate critic from the policy weights or from the reward model (its backbone and its score
+    head, which becomes the value head: the first values are the reward model's scores of each prefix)."""
     head_init: Literal["zero", "normal"] = "zero"
     """Value head weights: 'zero' (V = 0 at the start: the first advantages are the whitened returns) or
     'normal' (std 1/sqrt(H+1), the N+ RLHF details' choice)."""

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from ppolm.cli import main as cli_main
-from ppolm.config import PPORunConfig, load_config
+from ppolm.config import CriticConfig, PPORunConfig, load_config
 from ppolm.data.collate import right_pad_collate
 from ppolm.data.preferences import demo_preferences, read_preferences, write_preferences
 from ppolm.errors import DataError
 from ppolm.models import load_model, load_tokenizer
 from ppolm.rewards.compose import reward_model_scores
+from ppolm.trainers.actor_critic import build_actor_critic
 from ppolm.trainers.ppo import train_ppo
 from ppolm.trainers.rm import LastTokenReward, RMRunConfig, RMTrainer, pair_batch, scored_text, tokenize_pairs
 
@@ -91,6 +92,15 @@ def test_rm_learns_preference_and_exports_a_reward_model_ppo_accepts(tmp_path):
     metrics = train_ppo(ppo)
     assert torch.isfinite(torch.tensor(metrics["reward/mean"])) and metrics["reward/nonfinite_count"] == 0
     assert metrics["reward/std"] > 0  # scores come from the model, not a constant
+    # a critic initialized from it starts with V(prefix) = the reward model's score of that prefix: the value of
+    # the last response slot reads the hidden state before the last token, i.e. the score of the text without it
+    actor, _ = build_actor_critic(ppo.model_copy(update={"critic": CriticConfig(kind="separate", init="reward"),
+                                                        "gradient_checkpointing": False}), None)
+    for row in ids[:, :9]:  # nine tokens of each pair row (no padding there)
+        with torch.no_grad():
+            v = actor.critic(row[None], torch.ones(1, 9, dtype=torch.long), 2, None)[0, -1]
+            want = trainer.scorer(row[None, :8], torch.ones(1, 8, dtype=torch.long))[0]
+        assert abs(float(v) - float(want)) < 1e-4, (float(v), float(want))
 
 
 def test_accumulation_8x1_equals_1x8(tmp_path):

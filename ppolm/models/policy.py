@@ -67,6 +67,15 @@ class ValueHead(nn.Module):
         """(B, R, H) -> (B, R) in fp32."""
         return self.summary(hidden.float()).squeeze(-1)
 
+    @torch.no_grad()
+    def copy_from(self, score: nn.Linear) -> None:
+        """Take the weights of a sequence classifier's one-output score head (a reward model's), bias or not."""
+        if score.weight.shape != self.summary.weight.shape:
+            raise ValueError(f"a value head of {tuple(self.summary.weight.shape)} cannot start from a score head "
+                             f"of {tuple(score.weight.shape)} (a reward model with one output on the same hidden size)")
+        self.summary.weight.copy_(score.weight.float())
+        self.summary.bias.copy_(score.bias.float() if score.bias is not None else torch.zeros(1))
+
 
 @dataclass
 class TokenScores:

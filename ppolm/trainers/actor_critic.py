@@ -92,11 +92,21 @@ def build_actor_critic(cfg: PPORunConfig, amp: torch.dtype | None) -> tuple[Acto
         elif cfg.critic.kind == "head":
             value_head = ValueHead(hidden_size(policy), cfg.critic.head_init)
         else:
-            source = cfg.reward.model if cfg.critic.init == "reward" else cfg.model
             # the bare transformer: an LM/score head would get no gradient (DDP: unused parameters)
-            backbone = load_model(source, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed).base_model
+            if cfg.critic.init == "reward":
+                rm = load_model(cfg.reward.model, kind="seqcls", trust_remote_code=cfg.trust_remote_code,
+                                seed=cfg.seed)
+                backbone, head = rm.base_model, ValueHead(hidden_size(rm), cfg.critic.head_init)
+                # The reward model's own score head starts the value head (as OpenRLHF's critic does): V(prefix)
+                # is then the reward model's score of the text so far, the natural first guess of the return,
+                # where a zero head had not learned that scale after the RLHF flow's 24 steps (explained
+                # variance ~0 throughout, docs/results.md).
+                head.copy_from(rm.score)
+            else:
+                backbone = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed).base_model
+                head = ValueHead(hidden_size(backbone), cfg.critic.head_init)
             disable_dropout(backbone)
-            critic = SeparateCritic(backbone, ValueHead(hidden_size(backbone), cfg.critic.head_init))
+            critic = SeparateCritic(backbone, head)
     if cfg.ppo.max_tokens is not None:  # packed micro-batches (ppolm.models.packing)
         require_packing(policy)
         for model in (policy, critic, reference):
