@@ -70,3 +70,54 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
         log_ratio = log_ratio.clamp(-20.0, 20.0)
         return torch.expm1(log_ratio) - log_ratio
     raise ValueError(f"unknown KL estimator '{estimator}' (allowed: k1, k2, k3)")
+
+
+class _LogprobsEntropy(torch.autograd.Function):
+    """log softmax(z)[label] and the entropy of softmax(z) from one pass over the (N, V) logits, with a backward
+    that reuses the saved probabilities: grad_z = g_lp * (onehot(label) - p) - g_H * p * (log p + H).
+
+    Why not autograd over logsumexp and softmax: that path runs logsumexp twice in the forward (once for the
+    log-probs, once for the entropy), and its backward recomputes exp(z - lse) into fresh full-vocabulary tensors;
+    each such (N, V) fp32 temporary is 38 MB at a PPO step's 192 positions, and on CPU a fresh block of that size
+    is page-faulted in on every use. Here: one softmax kept for the backward (what logsumexp's autograd keeps
+    anyway, the logits) and one (N, V) gradient."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, entropy_grad: bool):
+        lse = torch.logsumexp(logits, dim=-1)
+        probs = torch.softmax(logits, dim=-1)
+        # sum_v p_v z_v as a batched dot product: no (N, V) product tensor
+        entropy = lse - torch.einsum("nv,nv->n", probs, logits)
+        logprobs = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - lse
+        if entropy_grad:
+            ctx.save_for_backward(probs, labels, logits, lse, entropy)
+        else:
+            ctx.save_for_backward(probs, labels)
+        ctx.entropy_grad = entropy_grad
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, g_logprobs: torch.Tensor | None, g_entropy: torch.Tensor | None):
+        saved = ctx.saved_tensors  # read once: under activation checkpointing a second read is an error
+        probs, labels = saved[:2]
+        g_lp = g_logprobs if g_logprobs is not None else probs.new_zeros(probs.shape[0])
+        grad = probs * (-g_lp).unsqueeze(-1)
+        grad.scatter_add_(-1, labels.unsqueeze(-1), g_lp.unsqueeze(-1))
+        if ctx.entropy_grad and g_entropy is not None:
+            logits, lse, entropy = saved[2:]
+            # dH/dz = -p * (log p + H), log p = z - lse
+            grad -= g_entropy.unsqueeze(-1) * probs * (logits - (lse - entropy).unsqueeze(-1))
+        return grad, None, None
+
+
+def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                         entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(logits)[label], entropy of softmax(logits)) per position, fp32: logits (..., V), labels (...)
+    -> two (...) tensors. Equal to logprobs_from_logits and entropy_from_logits (to float rounding), gradients
+    included; with entropy_grad False no gradient flows through the entropy (a logged metric)."""
+    shape = labels.shape
+    z = logits.float().reshape(-1, logits.shape[-1])
+    logprobs, entropy = _LogprobsEntropy.apply(z, labels.reshape(-1), entropy_grad)
+    if not entropy_grad:
+        entropy = entropy.detach()
+    return logprobs.reshape(shape), entropy.reshape(shape)

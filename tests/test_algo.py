@@ -8,7 +8,8 @@ import torch
 from ppolm.algo.advantages import gae, shaped_rewards
 from ppolm.algo.kl import AdaptiveKLController, FixedKLController
 from ppolm.algo.losses import entropy_bonus, explained_variance, pairwise_loss, policy_loss, sft_loss, value_loss
-from ppolm.ops import entropy_from_logits, kl_estimate, logprobs_from_logits, masked_mean, masked_var, masked_whiten
+from ppolm.ops import (entropy_from_logits, kl_estimate, logprobs_and_entropy, logprobs_from_logits, masked_mean,
+                       masked_var, masked_whiten)
 
 T = torch.tensor
 
@@ -30,6 +31,33 @@ def test_logprobs_and_entropy_hand_computed():
     assert logprobs_from_logits(logits, T([[1]])).item() == pytest.approx(math.log(0.25))
     h = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
     assert entropy_from_logits(logits).item() == pytest.approx(h, abs=1e-6)
+
+
+def test_fused_logprobs_and_entropy_hand_computed_with_gradients():
+    # p = (1/4, 3/4): log p(label 1) = ln 3/4, H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.5623;
+    # d log p_1 / dz = onehot - p = (-1/4, 1/4); dH/dz = -p (log p + H) = (0.2060, -0.2060)
+    z = torch.log(T([[0.25, 0.75]])).requires_grad_()
+    lp, h = logprobs_and_entropy(z, T([1]))
+    assert lp.item() == pytest.approx(math.log(0.75)) and h.item() == pytest.approx(0.562335, abs=1e-6)
+    (g_lp,) = torch.autograd.grad(lp.sum(), z, retain_graph=True)
+    assert torch.allclose(g_lp, T([[-0.25, 0.25]]), atol=1e-6)
+    (g_h,) = torch.autograd.grad(h.sum(), z)
+    assert torch.allclose(g_h, T([[0.205986, -0.205986]]), atol=1e-5)
+
+
+@pytest.mark.parametrize("entropy_grad", [True, False])
+def test_fused_logprobs_and_entropy_equal_autograd_of_the_plain_functions(entropy_grad):
+    g = torch.Generator().manual_seed(0)
+    z = (3 * torch.randn(2, 5, 11, generator=g)).requires_grad_()
+    y = torch.randint(0, 11, (2, 5), generator=g)
+    w_lp, w_h = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    lp, h = logprobs_and_entropy(z, y, entropy_grad)
+    (got,) = torch.autograd.grad((lp * w_lp).sum() + ((h * w_h).sum() if entropy_grad else 0), z)
+    lp0, h0 = logprobs_from_logits(z, y), entropy_from_logits(z)
+    (want,) = torch.autograd.grad((lp0 * w_lp).sum() + ((h0 * w_h).sum() if entropy_grad else 0), z)
+    assert torch.allclose(lp, lp0, atol=1e-5) and torch.allclose(h, h0, atol=1e-5)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert h.requires_grad == entropy_grad
 
 
 def test_kl_estimators_hand_computed():

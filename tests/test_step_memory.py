@@ -221,9 +221,9 @@ def test_chunked_lm_head_scores_like_one_projection(monkeypatch, amp, entropy_gr
 
     want, want_grads, plain_recomputes = run(1000)  # one projection
     got, grads, recomputes = run(4)  # chunks of 4, 4, 4 and 3 rows
-    # each chunk's forward ran again in the backward (its log-probs' logsumexp, and the entropy's when it has a
-    # gradient; the metric-only entropy is not recomputed)
-    assert plain_recomputes == 0 and recomputes == 4 * (2 if entropy_grad else 1)
+    # each chunk's forward ran again in the backward, once (`logprobs_and_entropy`: one logsumexp for the
+    # log-probs and the entropy)
+    assert plain_recomputes == 0 and recomputes == 4
     assert got.logprobs.requires_grad and got.entropy.requires_grad == entropy_grad
     torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-6)
     torch.testing.assert_close(got.entropy, want.entropy, rtol=0, atol=1e-6)

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from ppolm.memory import recast_saved_weights
 from ppolm.models.packing import Packed, pack_rows, unpack_responses
-from ppolm.ops import entropy_from_logits, logprobs_from_logits
+from ppolm.ops import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 from ppolm.rollout import position_ids_from_mask
 
 
@@ -290,8 +290,10 @@ def _chunk_scores(model, hidden, labels, temperature, need_entropy, entropy_grad
     logits = lm_logits_fp32(model, hidden)
     if temperature != 1.0:
         logits = logits / temperature
+    if need_entropy and logits.requires_grad:  # the update's pass: one fused pass, cheaper backward
+        return logprobs_and_entropy(logits, labels, entropy_grad)
     logprobs = logprobs_from_logits(logits, labels)
-    entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if need_entropy else None
+    entropy = entropy_from_logits(logits.detach()) if need_entropy else None
     return logprobs, entropy
 
 
