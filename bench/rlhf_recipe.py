@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", action="store_true", help="also evaluate the base model")
     p.add_argument("--trained", help="evaluate this already trained model directory instead of training one "
                    "(e.g. the run's own ppo/final: the shipped recipe's row); overrides then change nothing")
+    p.add_argument("--ppo-seed", type=int, help="the PPO stage's own seed (its sampling and value-head init; "
+                   "default: the run's): the same recipe and reward model again, to measure one run's noise")
     p.add_argument("overrides", nargs="*", help="flow config overrides, e.g. ppo.kl.coef=0.1")
     args = p.parse_args(argv)
 
@@ -57,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     task = _flow_task(cfg, rm_dir, [Example(x.prompt, x.rest) for x in train])
     t0 = time.perf_counter()
     if not args.trained:
-        _train(train_ppo, stage_config(cfg, "ppo", out, cfg.model, Path(rm_dir)), task=task,
+        stage = stage_config(cfg, "ppo", out, cfg.model, Path(rm_dir))
+        if args.ppo_seed is not None:
+            stage = stage.model_copy(update={"seed": args.ppo_seed})
+        _train(train_ppo, stage, task=task,
                eval_examples=[Example(x.prompt, x.rest) for x in val])
     secs = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = {"base": metrics_of(ev.sample(None)), **rows}
     for name, m in rows.items():
         print(f"{name}: {headline(m)}  (judge se {m['judge_positive_share_se']:.3f}, n {m['n']})")
-    summary = {"overrides": args.overrides, "trained": args.trained, "train_seconds": secs, "split": "validation",
+    summary = {"overrides": args.overrides, "ppo_seed": args.ppo_seed, "trained": args.trained, "train_seconds": secs, "split": "validation",
                "methods": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
