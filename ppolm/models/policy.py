@@ -290,8 +290,9 @@ def _chunk_scores(model, hidden, labels, temperature, need_entropy, entropy_grad
     logits = lm_logits_fp32(model, hidden)
     if temperature != 1.0:
         logits = logits / temperature
-    if need_entropy and logits.requires_grad:  # the update's pass: one fused pass, cheaper backward
-        return logprobs_and_entropy(logits, labels, entropy_grad)
+    if logits.requires_grad:  # a pass with a backward: one fused pass, cheaper backward (docs/bench.md)
+        logprobs, entropy = logprobs_and_entropy(logits, labels, need_entropy and entropy_grad)
+        return logprobs, entropy if need_entropy else None
     logprobs = logprobs_from_logits(logits, labels)
     entropy = entropy_from_logits(logits.detach()) if need_entropy else None
     return logprobs, entropy
