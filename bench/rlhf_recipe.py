@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = {"base": metrics_of(ev.sample(None)), **rows}
     for name, m in rows.items():
         print(f"{name}: {headline(m)}  (judge se {m['judge_positive_share_se']:.3f}, n {m['n']})")
-    summary = {"overrides": args.overrides, "ppo_seed": args.ppo_seed, "trained": args.trained, "train_seconds": secs, "split": "validation",
-               "methods": rows}
+    summary = {"overrides": args.overrides, "ppo_seed": args.ppo_seed, "trained": args.trained,
+               "train_seconds": secs, "split": "validation", "methods": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
 
