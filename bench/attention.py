@@ -24,6 +24,14 @@ from ppolm.models import load_model  # noqa: E402
 from ppolm.models.policy import score_tokens  # noqa: E402
 
 
+def scoring_batch(T: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The benches' scoring batch: 8 rows of T random tokens, the first row left-padded by 6 (ids, mask (8, T))."""
+    g = torch.Generator().manual_seed(seed)
+    ids, mask = torch.randint(3, 49000, (8, T), generator=g), torch.ones(8, T)
+    mask[0, :6] = 0
+    return ids, mask
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--response", type=int, default=24)
@@ -31,9 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     R, T = args.response, 61 + args.response
     model = load_model("smollm2-135m-instruct")
-    g = torch.Generator().manual_seed(0)
-    ids, mask = torch.randint(3, 49000, (8, T), generator=g), torch.ones(8, T)
-    mask[0, :6] = 0
+    ids, mask = scoring_batch(T)
     print(f"batch 8 x {T} tokens, response {R}, {torch.get_num_threads()} threads (s, medians of {args.reps})")
     for impl in ("sdpa", "eager", "sdpa", "eager"):
         model.set_attn_implementation(impl)

@@ -24,16 +24,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/attention.py
 
+from attention import scoring_batch  # noqa: E402  (bench/attention.py: the same batch)
 from ppolm.models import load_model  # noqa: E402
 from ppolm.models.policy import score_tokens  # noqa: E402
 
 
 def one_pass(model, T: int, R: int, amp: torch.dtype | None) -> tuple[float, torch.Tensor, torch.Tensor]:
     """(seconds, log-probs (8, R), gradient of layer 3's down_proj) of one forward + backward."""
-    g = torch.Generator().manual_seed(T)
-    ids, mask = torch.randint(3, 49000, (8, T), generator=g), torch.ones(8, T)
-    mask[0, :6] = 0
+    ids, mask = scoring_batch(T, seed=T)
     model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     logprobs = score_tokens(model, ids, mask, ids[:, -R:], autocast_dtype=amp).logprobs

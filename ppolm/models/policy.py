@@ -294,7 +294,7 @@ def _chunk_scores(model, hidden, labels, temperature, need_entropy, entropy_grad
         logprobs, entropy = logprobs_and_entropy(logits, labels, need_entropy and entropy_grad)
         return logprobs, entropy if need_entropy else None
     logprobs = logprobs_from_logits(logits, labels)
-    entropy = entropy_from_logits(logits.detach()) if need_entropy else None
+    entropy = entropy_from_logits(logits) if need_entropy else None  # (no grad here)
     return logprobs, entropy
 
 
