@@ -36,7 +36,7 @@ browser:
 
 # Each test process runs one torch thread (tests/conftest.py): two pytest-xdist workers use both cores.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --durations=20 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=20 tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/ppo_step.py

@@ -6,7 +6,10 @@ One torch thread per test process keeps the suite fast and its timings stable; P
 """
 
 import os
+import signal
+import subprocess
 
+import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("PPOLM_TEST_THREADS", "1")))
@@ -21,3 +24,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# Every test that starts several processes (torchrun, accelerate launch) runs in this xdist group, so on one worker
+# and one at a time (`make test` passes --dist loadgroup): two launches at once put 4+ busy processes on a 2-core
+# machine, and on one such machine two concurrent launches hung in torch.distributed's rendezvous until their
+# 300 s timeouts (each passed alone in 40 s, and together once more in 69 s).
+launches = pytest.mark.xdist_group("launches")
+
+
+def run_launcher(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True) for a launcher of several processes: on a timeout
+    the launcher's whole process group is killed before TimeoutExpired is raised. (subprocess.run kills only the
+    launcher; its workers, stuck in a rendezvous, went on spending the cores the rest of the suite needs.)"""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

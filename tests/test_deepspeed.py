@@ -5,19 +5,21 @@ checkpoints; a non-finite gradient on one process skips the step like the guarde
 import importlib.util
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import free_port, launches, run_launcher
 from safetensors.torch import load_file
 
 from test_launch import (  # the launch helpers and the 1-process reference run of the DDP/FSDP2 tests
     COMMON, ENV, ROOT, TWO_PROCESSES, accelerate_launch, assert_same_run, check_launch_equals_one_process,
-    free_port, max_weight_diff, metrics, one_process,
+    max_weight_diff, metrics, one_process,
 )
+
+pytestmark = launches
 
 ZERO2 = "deepspeed-zero2-cpu.yaml"
 pytestmark = [
@@ -102,8 +104,7 @@ def test_zero2_skips_a_step_whose_gradient_is_nan_on_one_process_like_ddp(tmp_pa
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"configs/accelerate/{launch}",
                "--main_process_port", str(free_port()), script, "ppo", *COMMON, f"output_dir={out}",
                *TWO_PROCESSES, "max_steps=2"]
-        run = subprocess.run(cmd, cwd=ROOT, env={**ENV, "NAN_CALLS": "2"}, capture_output=True, text=True,
-                             timeout=300)
+        run = run_launcher(cmd, cwd=ROOT, env={**ENV, "NAN_CALLS": "2"}, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         runs[launch] = out
     zero_rows, ddp_rows = metrics(runs[ZERO2]), metrics(runs["cpu-ddp-2.yaml"])

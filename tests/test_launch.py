@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -11,17 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, launches, run_launcher
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["log.progress=false", "log.tensorboard=false"]
+pytestmark = launches
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accelerate_launch(config_file: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -30,7 +25,7 @@ def accelerate_launch(config_file: str, *args: str, timeout: int = 300) -> subpr
     path = config_file if os.path.isabs(config_file) else f"configs/accelerate/{config_file}"  # (or a test's own)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", path,
            "--main_process_port", str(free_port()), "-m", "ppolm.cli", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return run_launcher(cmd, cwd=ROOT, env=ENV, timeout=timeout)
 
 
 def ppolm_cli(*args: str) -> subprocess.CompletedProcess:
@@ -207,7 +202,7 @@ def test_fsdp2_rollout_steps_until_every_process_is_done(tmp_path):
     def run(mode: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), "tests/scripts/fsdp_generate_sync.py", mode]
-        return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        return run_launcher(cmd, cwd=ROOT, env=ENV, timeout=120)
 
     synced = run("synced")
     assert synced.returncode == 0, synced.stderr[-3000:]
@@ -228,6 +223,28 @@ def test_a_launcher_stuck_in_the_exit_barrier_counts_only_after_its_workers_succ
     assert codes == [0, 0, None]
     assert all(p.poll() is not None for p in (quick, stuck[0]))
     stuck[1].kill()
+
+
+def test_a_launcher_that_times_out_takes_its_workers_with_it(tmp_path):
+    """run_launcher: on a timeout the launcher's worker (a grandchild, as torchrun's are) is killed too, and
+    TimeoutExpired is raised as subprocess.run would."""
+    pid_file = tmp_path / "worker.pid"
+    worker = "import os, time; open(os.environ['PID_FILE'], 'w').write(str(os.getpid())); time.sleep(600)"
+    launcher = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {worker!r}])"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_launcher([sys.executable, "-c", launcher], env={**ENV, "PID_FILE": str(pid_file)}, timeout=5)
+    pid = int(pid_file.read_text())
+
+    def alive() -> bool:  # a killed orphan may stay a zombie until init reaps it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(), f"worker {pid} outlived its launcher"
 
 
 def test_accelerate_fp16_and_a_deepspeed_optimizer_are_refused_before_models_load_and_bf16_trains(tmp_path):

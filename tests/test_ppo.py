@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, launches, run_launcher
 import torch
 from safetensors.torch import load_file
 
@@ -199,6 +199,7 @@ def test_cli_ppo_runs_and_rejects_bad_config(tmp_path):
 
 
 @pytest.mark.slow
+@launches
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])
 def test_two_processes_equal_one_process(tmp_path, estimator):
     """Global batch 16: 2 processes x 8 rows vs 1 x 16, one minibatch per epoch (gloo on CPU). With grpo the
@@ -211,10 +212,10 @@ def test_two_processes_equal_one_process(tmp_path, estimator):
     common = ["max_steps=4", "ppo.epochs=2", f"algo.estimator={estimator}"]
     k = 4 if estimator == "grpo" else 1
     common += [f"rollout.samples_per_prompt={k}"]
-    two = subprocess.run(
+    two = run_launcher(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(script),
          f"output_dir={tmp_path / 'two'}", f"rollout.batch_size={8 // k}", "ppo.minibatch_size=8",
-         "ppo.grad_accum_steps=2", *common], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+         "ppo.grad_accum_steps=2", *common], cwd=ROOT, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, str(script), f"output_dir={tmp_path / 'one'}", f"rollout.batch_size={16 // k}",
                           "ppo.minibatch_size=16", *common], cwd=ROOT, env=env, capture_output=True, text=True)

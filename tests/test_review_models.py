@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, launches, run_launcher
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -71,10 +71,10 @@ def test_scoring_matches_the_models_own_logits(arch, extra):
 
 
 @pytest.mark.slow
+@launches
 def test_separate_critic_with_untied_embeddings_on_two_processes(tmp_path):
     """The critic's backbone has no LM head, so DDP finds no unused parameter (untied embeddings)."""
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -88,12 +88,12 @@ def test_separate_critic_with_untied_embeddings_on_two_processes(tmp_path):
     untied.save_pretrained(tmp_path / "untied")
     tok.save_pretrained(tmp_path / "untied")
     env = {**os.environ, "PYTHONPATH": str(root), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
+    run = run_launcher(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(root / "tests/scripts/ppo_tiny_run.py"), f"model={tmp_path / 'untied'}", "critic.kind=separate",
          f"output_dir={tmp_path / 'run'}", "max_steps=2", "rollout.batch_size=4", "ppo.minibatch_size=4",
          "ppo.epochs=2", "rollout.max_new_tokens=4"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        cwd=root, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
