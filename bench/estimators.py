@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ PHASES = {"rollout": "time/rollout_s", "score": "time/score_s", "experience": "t
 def child(model: str, name: str, steps: int) -> None:
     """Run one variant; print one JSON line with the medians, peak RSS and the trainable parameter count."""
     from ppolm.config import PPORunConfig, load_config
+    from ppolm.runtime import peak_rss_mb
     from ppolm.trainers.ppo import PPOTrainer
 
     overrides = VARIANTS[name]
@@ -64,7 +64,7 @@ def child(model: str, name: str, steps: int) -> None:
     # CPU seconds of this process: on a shared machine (one thread each) wall time swings with the neighbours'
     # load, CPU time measures the work
     out["cpu"] = statistics.median(cpu[1:])
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()  # VmHWM: a child's ru_maxrss also holds its parent's peak
     out["trainable_m"] = sum(p.numel() for g in trainer.optim.optimizer.param_groups for p in g["params"]) / 1e6
     print("RESULT " + json.dumps(out))
 

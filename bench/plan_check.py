@@ -4,7 +4,7 @@
                                [--layouts 1,ddp,fsdp2,zero2,zero3] [--steps 1]
 
 1-process rows: bench/ppo_step.py's ppolm side (batch 8, responses of exactly R tokens, a bf16 reward model, one
-epoch of one minibatch, peak = the child's ru_maxrss, glibc's default allocator settings) at each response length
+epoch of one minibatch, peak = the child's VmHWM, glibc's default allocator settings) at each response length
 and `gradient_checkpointing` mode. Layout rows: bench/scale.py (the smollm2-ppo recipe in fp32, 8 prompts a step
 over the processes, MALLOC_MMAP_THRESHOLD_=65536, the largest peak over the processes), at the config's default
 checkpointing. Each row's prediction is `ppolm.plan_report.build_plan` for the same config, prompt width and

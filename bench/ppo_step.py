@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -157,7 +156,9 @@ def child(side: str, model: str, steps: int, R: int, rm: str, overrides: tuple[s
             batches = [left_pad_collate(p, tok.pad_token_id) for p in prompts]
             rows = [floor.step(ids, attn, R) for ids, attn in batches][1:]
             out = {k: statistics.median(r[k] for r in rows) for k in PHASES}
-    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    from ppolm.runtime import peak_rss_mb  # VmHWM: a child's ru_maxrss also holds its parent's peak
+
+    out["peak_rss_gib"] = peak_rss_mb() / 1024
     return out
 
 

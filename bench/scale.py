@@ -4,7 +4,7 @@
 
 Same global batch in every layout (8 prompts a step: 8 on one process, 4 on each of two), fp32, the
 smollm2-ppo recipe without held-out evaluation or checkpoints. Each process runs the trainer's steps itself
-and reports its peak resident memory (ru_maxrss, which includes the ~0.5 GB of imported libraries) and the
+and reports its peak resident memory (VmHWM, which includes the ~0.5 GB of imported libraries) and the
 global tokens/s of its steps after the first; the table prints the largest peak over the processes.
 Two-process layouts use the shipped accelerate configs (configs/accelerate/cpu-ddp-2.yaml, fsdp2-cpu.yaml, and
 deepspeed-zero2-cpu.yaml and -zero3-cpu.yaml where deepspeed imports).
@@ -22,7 +22,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ def worker(out: Path, overrides: list[str]) -> None:
     """Inside each process: build the trainer, run the steps, write this rank's peak memory and tokens/s."""
     sys.path.insert(0, str(ROOT))
     from ppolm.config import PPORunConfig, load_config
+    from ppolm.runtime import peak_rss_mb
     from ppolm.trainers.ppo import PPOTrainer
 
     steps = int(os.environ["PPOLM_BENCH_STEPS"])
@@ -49,7 +49,7 @@ def worker(out: Path, overrides: list[str]) -> None:
         f"output_dir={out}", f"max_steps={steps}", *overrides])
     trainer = PPOTrainer(cfg)
     rates = [trainer.step(s).metrics["throughput/tokens_per_s"] for s in range(steps)]
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_mb = peak_rss_mb()  # VmHWM: a child's ru_maxrss also holds its parent's peak
     rank = trainer.runtime.rank
     (out / f"bench-rank{rank}.json").write_text(json.dumps({"peak_mb": peak_mb, "tokens_per_s": rates[1:] or rates}))
 
