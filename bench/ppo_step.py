@@ -195,11 +195,19 @@ def main() -> None:
     unknown = [s for s in sides if s not in SIDES]
     if unknown:
         raise SystemExit(f"--sides: unknown {unknown}; choose from {', '.join(SIDES)}")
-    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    from ppolm.runtime import autocast_dtype
+
+    # Without AVX512-BF16/AMX, bf16 matmuls are emulated (under 1 GFLOP/s on an AVX2 EPYC: minutes for this
+    # measurement alone); ppolm's 'auto' then runs fp32 and a bf16 side stands for no machine that would use bf16.
+    native_bf16 = autocast_dtype("auto", torch.device("cpu")) is not None
+    peak32 = matmul_peak(torch.float32)
+    peak16 = matmul_peak(torch.bfloat16) if native_bf16 else float("nan")
     if args.set:
         print("ppolm sides with: " + " ".join(args.set))
-    print(f"matmul peak 2048^3: fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s "
-          f"({torch.get_num_threads()} threads)")
+    bf16_peak = f"{peak16 / 1e9:.0f} GFLOP/s" if native_bf16 else "not native on this CPU (emulated; not measured)"
+    print(f"matmul peak 2048^3: fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {bf16_peak} ({torch.get_num_threads()} threads)")
+    if not native_bf16 and any("bf16" in side for side in sides):
+        print("warning: this CPU has no native bf16: the bf16 sides run emulated matmuls and say nothing of a bf16 CPU")
     speedup = float("nan")
     for model in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
