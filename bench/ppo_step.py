@@ -127,6 +127,7 @@ def child(side: str, model: str, steps: int, R: int, rm: str, overrides: tuple[s
     `profiled`, a ppolm side runs one more step under torch.profiler, its time grouped (bench/profile_groups.py)."""
     from ppolm.data.collate import left_pad_collate
     from ppolm.models import load_model, load_tokenizer
+    from ppolm.runtime import peak_rss_mb  # VmHWM: a child's ru_maxrss also holds its parent's peak
 
     torch.manual_seed(0)
     out: dict = {}
@@ -145,6 +146,8 @@ def child(side: str, model: str, steps: int, R: int, rm: str, overrides: tuple[s
             if profiled:  # after the timed steps, so the profiler's overhead touches none of them
                 from profile_groups import profile
 
+                # the peak of the measured steps: the profiler's own records added ~2 GiB (4.51 -> 6.57 GiB, fp32)
+                out["peak_rss_gib"] = peak_rss_mb() / 1024
                 out["profile"] = profile(lambda: trainer.step(steps + 1))
         else:
             from floor import FloorPPO
@@ -156,9 +159,7 @@ def child(side: str, model: str, steps: int, R: int, rm: str, overrides: tuple[s
             batches = [left_pad_collate(p, tok.pad_token_id) for p in prompts]
             rows = [floor.step(ids, attn, R) for ids, attn in batches][1:]
             out = {k: statistics.median(r[k] for r in rows) for k in PHASES}
-    from ppolm.runtime import peak_rss_mb  # VmHWM: a child's ru_maxrss also holds its parent's peak
-
-    out["peak_rss_gib"] = peak_rss_mb() / 1024
+    out.setdefault("peak_rss_gib", peak_rss_mb() / 1024)
     return out
 
 
