@@ -163,7 +163,8 @@ def child(side: str, model: str, steps: int, R: int, rm: str, overrides: tuple[s
     return out
 
 
-def run_side(side: str, model: str, steps: int, R: int, rm: str, overrides: list[str], profiled: bool) -> dict:
+def run_side(side: str, model: str, steps: int, R: int, rm: str, overrides: list[str],
+             profiled: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--models", model, "--steps", str(steps),
            "--responses", str(R), "--rm", rm, *(a for o in overrides for a in ("--set", o)),
            *(["--profile"] if profiled else [])]
