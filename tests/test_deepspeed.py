@@ -19,10 +19,9 @@ from test_launch import (  # the launch helpers and the 1-process reference run 
     max_weight_diff, metrics, one_process,
 )
 
-pytestmark = launches
-
 ZERO2 = "deepspeed-zero2-cpu.yaml"
 pytestmark = [
+    launches,
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed "
                        "(the optional extra: DS_BUILD_OPS=0 pip install -e '.[deepspeed]')"),
