@@ -57,7 +57,10 @@ def recast_saved_weights() -> Iterator[None]:
 
     def pack(t: torch.Tensor) -> torch.Tensor | _Recast:
         param = _cast_source(t)
-        return t if param is None else _Recast(param, t)
+        # Any other tensor is kept detached: kept as is, an op's own output (silu, exp, softmax save theirs)
+        # would hold the node that holds it, a cycle Python's collector cannot see, and a graph dropped without
+        # a backward (an out-of-memory retry) would never be freed. Autograd reattaches the grad_fn on unpack.
+        return t.detach() if param is None else _Recast(param, t)
 
     def unpack(saved: torch.Tensor | _Recast) -> torch.Tensor:
         return saved.rebuild() if isinstance(saved, _Recast) else saved

@@ -161,3 +161,21 @@ def test_injected_oom_is_raised_when_recovery_is_off(tmp_path):
     with pytest.raises(RuntimeError, match="DefaultCPUAllocator"):
         _run(tmp_path, "off", ["ppo.oom_recovery=false"],
              inject=lambda t: _fail_once(t, "minibatch_loss", lambda m, **kw: True))
+
+
+def test_the_forward_an_oom_retry_drops_is_freed_in_bf16(tmp_path):
+    """The fused first forward's graph, dropped without a backward when its micro-batch fails, is freed (bf16
+    autocast: the forward runs under the saved-tensor hooks of ppolm.memory.recast_saved_weights, whose pack hook
+    once made a reference cycle of every op that saves its own output, so each dropped forward stayed in memory:
+    its saved activations are tensors with a grad_fn that nothing reachable holds)."""
+    import gc
+
+    common = ["rollout.batch_size=8", "ppo.epochs=1", "precision=bf16", "max_steps=1", "checkpoint.every=0"]
+    cfg = load_config(PPORunConfig, ROOT / "configs/tiny.yaml", [*QUIET, f"output_dir={tmp_path / 'run'}", *common])
+    t = PPOTrainer(cfg, reward_fn=lambda prompts, completions, **rows: [len(set(c)) / 10 for c in completions])
+    fired = _fail_once(t, "minibatch_loss", lambda m, fused=None, **kw: fused is not None)
+    t.train()
+    gc.collect()
+    assert fired == [1]
+    in_graphs = [o for o in gc.get_objects() if type(o) is torch.Tensor and o.grad_fn is not None]
+    assert not in_graphs, [tuple(o.shape) for o in in_graphs[:5]]

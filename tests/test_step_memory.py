@@ -269,3 +269,25 @@ def test_freed_large_tensors_stay_in_the_heap_only_when_turned_on(setting, retai
     took, kept_mb = out.stdout.split()
     assert took == str(retained)
     assert (float(kept_mb) > 150) if retained else (float(kept_mb) < 50), kept_mb
+
+
+def test_a_graph_dropped_without_a_backward_is_freed_under_recast_saved_weights():
+    """An op that saves its own output (silu, exp, softmax) under the saved-tensor hooks: dropping the graph
+    without a backward (what an out-of-memory retry does) frees it; the pack hook once returned the tensor itself,
+    a reference cycle through autograd that Python's collector cannot see (0.59 GB kept per dropped forward of the
+    embedded model). The gradient is unchanged."""
+    import weakref
+
+    x = torch.randn(64, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), memory.recast_saved_weights():
+        y = torch.nn.functional.silu(x @ x).exp()
+    alive = weakref.ref(y)
+    del y
+    assert alive() is None
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), memory.recast_saved_weights():
+        y = torch.nn.functional.silu(x @ x).exp()
+    y.float().sum().backward()
+    hooked, x.grad = x.grad, None
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        torch.nn.functional.silu(x @ x).exp().float().sum().backward()
+    assert torch.equal(hooked, x.grad)
