@@ -56,20 +56,22 @@ def grouped(self_times: dict[str, float], wall: float) -> dict[str, float]:
     return out
 
 
-def profile(fn: Callable[[], object], top: int = 10) -> dict:
+def profile(fn: Callable[[], object], top: int = 10, shapes: bool = True) -> dict:
     """Run fn once under torch.profiler (CPU) and return seconds per group, 'wall', and 'top': the `top` aten ops
     by self time as [op, input shapes, calls, seconds] (an op with one shape that costs far more than its FLOPs
-    is how the LM head's batched product and the page faults of docs/bench.md were found)."""
+    is how the LM head's batched product and the page faults of docs/bench.md were found). shapes=False records
+    no input shapes (the shapes in 'top' are then empty): recording them costs time in every op, which inflates
+    the small ops' share (docs/bench.md: a step measured 4.80 s profiled with shapes against 3.07 s timed)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as prof:
         t0 = time.perf_counter()
         fn()
         wall = time.perf_counter() - t0
     self_times: dict[str, float] = {}
     by_shape = []
-    for evt in prof.key_averages(group_by_input_shape=True):
+    for evt in prof.key_averages(group_by_input_shape=shapes):
         self_times[evt.key] = self_times.get(evt.key, 0.0) + evt.self_cpu_time_total / 1e6
         if group_of(evt.key) is not None:
             by_shape.append([evt.key, str(evt.input_shapes), evt.count, evt.self_cpu_time_total / 1e6])
