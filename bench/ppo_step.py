@@ -89,7 +89,7 @@ def ppolm_trainer_overrides(model: str, rm: str, steps: int, R: int, out_dir: Pa
         f"model={model}", f"output_dir={out_dir}", "task.name=toy", "task.options.prompt_words=30",
         f"rollout.batch_size={B}", f"rollout.max_new_tokens={R}", f"rollout.min_new_tokens={R}",
         "ppo.minibatch_size=8", "log.progress=false", "log.tensorboard=false", f"reward.model={rm}",
-        "optim.lr=1e-6", f"max_steps={steps + 3}", "checkpoint.every=0",
+        "optim.lr=1e-6", f"max_steps={2 * steps + 3}", "checkpoint.every=0",
     ]
 
 
@@ -144,14 +144,17 @@ def child(side: str, model: str, steps: int, R: int, rm: str, overrides: tuple[s
             out["update_flops"] = update_flops(trainer, n_tokens, B * R)
             out["bf16"] = trainer.amp == torch.bfloat16
             if profiled:  # after the timed steps, so the profiler's overhead touches none of them
-                from profile_groups import profile
+                from profile_groups import median_groups, profile
 
                 # the peak of the measured steps: the profiler's own records added ~2 GiB (4.51 -> 6.57 GiB, fp32)
                 out["peak_rss_gib"] = peak_rss_mb() / 1024
-                # the groups from a step profiled without input shapes (as the first, 2026-12-03 figure was:
-                # recording shapes inflates the small ops), the largest ops by shape from one more step
-                out["profile"] = profile(lambda: trainer.step(steps + 1), shapes=False)
-                out["profile"]["top"] = profile(lambda: trainer.step(steps + 2))["top"]
+                # the groups from steps profiled without input shapes (as the first, 2026-12-03 figure was:
+                # recording shapes inflates the small ops), as many steps as were timed (one profiled step is one
+                # sample: two runs of the same build read 2.50 and 3.40 s of non-matmul on one machine), medians;
+                # the largest ops by shape from one more step
+                runs = [profile(lambda s=s: trainer.step(s), shapes=False) for s in range(steps + 1, 2 * steps + 1)]
+                out["profile"] = median_groups(runs)
+                out["profile"]["top"] = profile(lambda: trainer.step(2 * steps + 1))["top"]
         else:
             from floor import FloorPPO
 

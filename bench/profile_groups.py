@@ -79,11 +79,19 @@ def profile(fn: Callable[[], object], top: int = 10, shapes: bool = True) -> dic
     return {**grouped(self_times, wall), "wall": wall, "top": by_shape[:top]}
 
 
+def median_groups(runs: list[dict]) -> dict:
+    """Per group (and 'wall'), the median seconds over several profiled steps; 'runs' says how many."""
+    import statistics
+
+    return {**{k: statistics.median(r[k] for r in runs) for k in [*ORDER, "wall"]}, "runs": len(runs)}
+
+
 def line(groups: dict[str, float]) -> str:
     """One printable line: every group's seconds and share of the wall, then the non-matmul share."""
     wall = groups["wall"]
     parts = [f"{g} {groups[g]:.2f} s ({100 * groups[g] / wall:.0f}%)" for g in ORDER]
-    return (f"profiled step {wall:.2f} s: " + ", ".join(parts)
+    runs = f" (medians of {groups['runs']} profiled steps)" if groups.get("runs", 1) > 1 else ""
+    return (f"profiled step {wall:.2f} s{runs}: " + ", ".join(parts)
             + f"; non-matmul {wall - groups['matmul']:.2f} s = {100 * (1 - groups['matmul'] / wall):.0f}%")
 
 

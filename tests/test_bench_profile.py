@@ -53,3 +53,11 @@ def test_profile_lists_its_largest_ops_with_their_shapes():
     from profile_groups import top_lines
 
     assert "aten::mm [[256, 256], [256, 256]]" in top_lines(g)[0] and "matmul" in top_lines(g)[0]
+
+
+def test_median_groups_takes_each_groups_median_over_the_profiled_steps():
+    from profile_groups import ORDER, median_groups
+
+    runs = [{**{g: float(i) for g in ORDER}, "wall": 10.0 * i} for i in (3, 1, 2)]
+    m = median_groups(runs)
+    assert m["runs"] == 3 and m["wall"] == 20.0 and all(m[g] == 2.0 for g in ORDER)
