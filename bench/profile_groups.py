@@ -60,7 +60,7 @@ def profile(fn: Callable[[], object], top: int = 10, shapes: bool = True) -> dic
     """Run fn once under torch.profiler (CPU) and return seconds per group, 'wall', and 'top': the `top` aten ops
     by self time as [op, input shapes, calls, seconds] (an op with one shape that costs far more than its FLOPs
     is how the LM head's batched product and the page faults of docs/bench.md were found). shapes=False records
-    no input shapes (the shapes in 'top' are then empty): recording them costs time in every op, which inflates
+    no input shapes (the shapes in 'top' are then empty strings): recording them costs time in every op, which inflates
     the small ops' share (docs/bench.md: a step measured 4.80 s profiled with shapes against 3.07 s timed)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile

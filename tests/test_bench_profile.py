@@ -61,3 +61,21 @@ def test_median_groups_takes_each_groups_median_over_the_profiled_steps():
     runs = [{**{g: float(i) for g in ORDER}, "wall": 10.0 * i} for i in (3, 1, 2)]
     m = median_groups(runs)
     assert m["runs"] == 3 and m["wall"] == 20.0 and all(m[g] == 2.0 for g in ORDER)
+
+
+def test_profile_without_shapes_records_none():
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    g = profile(lambda: [a @ b for _ in range(5)], shapes=False)
+    assert g["matmul"] > 0 and all(shapes in ("", "[]") for _, shapes, _, _ in g["top"])
+
+
+def test_the_bench_child_profiles_as_many_steps_as_it_times(tmp_path):
+    """bench/ppo_step.py's ppolm side with --profile, on the tiny model: the timed phases, the peak read before
+    profiling, the groups as medians over the profiled steps, the largest ops from one more step with shapes."""
+    from ppo_step import child, rm_dir
+
+    out = child("ppolm", "tiny-random-llama", 2, 4, rm_dir("tiny-random-llama", tmp_path), profiled=True)
+    assert out["total"] > 0 and out["peak_rss_gib"] > 0
+    p = out["profile"]
+    assert p["runs"] == 2 and p["wall"] > 0 and p["matmul"] > 0
+    assert p["top"] and any(shapes not in ("", "[]") for _, shapes, _, _ in p["top"])
