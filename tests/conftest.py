@@ -33,6 +33,18 @@ def free_port() -> int:
 launches = pytest.mark.xdist_group("launches")
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and, when it leads its own process group (start_new_session=True), every process of
+    that group (its workers); a process in its parent's group is killed alone."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    except ProcessLookupError:  # already exited and reaped
+        pass
+
+
 def run_launcher(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """subprocess.run(cmd, capture_output=True, text=True) for a launcher of several processes: on a timeout
     the launcher's whole process group is killed before TimeoutExpired is raised. (subprocess.run kills only the
@@ -42,7 +54,7 @@ def run_launcher(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.Comp
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc)
             proc.communicate()
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from profile_groups import ORDER, group_of, grouped, profile  # noqa: E402
+from profile_groups import ORDER, group_of, grouped, median_groups, profile  # noqa: E402
 
 
 @pytest.mark.parametrize("op, group", [
@@ -56,8 +56,6 @@ def test_profile_lists_its_largest_ops_with_their_shapes():
 
 
 def test_median_groups_takes_each_groups_median_over_the_profiled_steps():
-    from profile_groups import ORDER, median_groups
-
     runs = [{**{g: float(i) for g in ORDER}, "wall": 10.0 * i} for i in (3, 1, 2)]
     m = median_groups(runs)
     assert m["runs"] == 3 and m["wall"] == 20.0 and all(m[g] == 2.0 for g in ORDER)

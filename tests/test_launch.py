@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, launches, run_launcher
+from conftest import free_port, kill_group, launches, run_launcher
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,14 +159,16 @@ def test_two_machines_on_loopback_equal_one_process(tmp_path, one_process):
     machines = []
     for rank, log in zip((0, 1), logs):
         with log.open("w") as f:  # files, not pipes: nothing blocks on a full pipe while we wait for the other
+            # own process groups: a launcher killed below takes its workers with it (as run_launcher's do)
             machines.append(subprocess.Popen([*cmd, str(rank), *args], cwd=ROOT, env=env, stdout=f,
-                                             stderr=subprocess.STDOUT, text=True))
+                                             stderr=subprocess.STDOUT, text=True, start_new_session=True))
     try:
         codes = wait_for_machines(machines, logs)
     finally:
         for m in machines:
             if m.poll() is None:
-                m.kill()
+                kill_group(m)
+                m.wait()
     assert codes == [0, 0], logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
     assert_same_run(tmp_path / "run", one_process)
 
@@ -186,7 +188,7 @@ def wait_for_machines(machines: list[subprocess.Popen], logs: list[Path], timeou
     codes = []
     for m, log in zip(machines, logs):
         if m.poll() is None and "worker group successfully finished" in log.read_text():
-            m.kill()
+            kill_group(m)
             m.wait()
             codes.append(0)
         else:
