@@ -1,4 +1,5 @@
-"""Memory of a training step that changes no value: weight casts that are rebuilt instead of kept.
+"""Memory of a training step that changes no value: weight casts that are rebuilt instead of kept, a tied
+embedding's gradient built from the rows a step touches, activation checkpointing, the heap's freed blocks.
 
 Under bf16 autocast every linear layer casts its fp32 weight to bf16 and saves that copy for the backward (the
 input's gradient needs it): a bf16 copy of the model held from the forward to the backward, 0.21 GB on the
@@ -157,3 +158,35 @@ def retain_freed_memory() -> bool:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, RETAIN_BLOCKS_UP_TO)) & bool(mallopt(_M_TRIM_THRESHOLD,
                                                                                RETAIN_FREED_UP_TO))
+
+
+class RowSparseGradEmbedding(torch.nn.Embedding):
+    """An nn.Embedding whose weight gradient is sparse over the rows looked up (ppolm.ops.embedding_row_sparse).
+    Installed by class swap on the trained copy only; state, saving and every isinstance check are unchanged."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        from ppolm.ops import embedding_row_sparse
+
+        return embedding_row_sparse(input, self.weight, self.padding_idx)
+
+
+def row_sparse_tied_embeddings(model: torch.nn.Module) -> int:
+    """Give every trained input embedding of `model` that is tied to its LM head a row-sparse gradient; returns how
+    many. Tied only: the head's dense gradient then absorbs the sparse one in autograd's sum, so the parameter's
+    .grad stays dense, equal bit for bit, without the (V, H) zero fill and the full add (~0.09 GiB less at the PPO
+    step's peak on the embedded model, and a few percent off its update; docs/bench.md).
+    Single-process only: DDP decides at wrap time which gradients are sparse, and FSDP2's and ZeRO's partitions
+    take none."""
+    from transformers import PreTrainedModel
+
+    n = 0
+    for m in model.modules():
+        if not isinstance(m, PreTrainedModel):
+            continue
+        emb, head = m.get_input_embeddings(), m.get_output_embeddings()
+        if (type(emb) is torch.nn.Embedding and head is not None and emb.weight is getattr(head, "weight", None)
+                and emb.weight.requires_grad and emb.max_norm is None and not emb.scale_grad_by_freq
+                and not emb.sparse):
+            emb.__class__ = RowSparseGradEmbedding
+            n += 1
+    return n

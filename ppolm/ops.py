@@ -139,3 +139,37 @@ def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
     if not entropy_grad:
         entropy = entropy.detach()
     return logprobs.reshape(shape), entropy.reshape(shape)
+
+
+class _RowSparseLookup(torch.autograd.Function):
+    """weight[ids] whose weight gradient is a coalesced sparse tensor of the rows the ids touch, summed in the
+    order the ids come (as the dense embedding backward sums them).
+
+    Why: the dense backward of an embedding lookup fills a (V, H) zero tensor (113 MB on the embedded model) and,
+    when the weight is tied to the LM head, autograd adds it to the head's dense (V, H) gradient: two full passes
+    over fresh, page-faulted memory for the few hundred rows a step touches. A sparse gradient added to the head's
+    dense one in place gives every element as head + sum of its rows' gradients: the same bits."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, ids: torch.Tensor, padding_idx: int | None):
+        ctx.save_for_backward(ids)
+        ctx.shape, ctx.padding_idx = weight.shape, padding_idx
+        return torch.nn.functional.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ids, = ctx.saved_tensors
+        flat, g = ids.reshape(-1), grad.reshape(ids.numel(), -1)
+        if ctx.padding_idx is not None:  # the padding row gets no gradient, as in the dense backward
+            keep = flat != ctx.padding_idx
+            flat, g = flat[keep], g[keep]
+        rows, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        # index_add_ adds in index order: each row's sum in the order its ids come, as the dense backward's
+        sums = g.new_zeros(rows.numel(), g.shape[1]).index_add_(0, inverse, g)
+        return (torch.sparse_coo_tensor(rows.unsqueeze(0), sums, ctx.shape, is_coalesced=True, check_invariants=False),
+                None, None)
+
+
+def embedding_row_sparse(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None) -> torch.Tensor:
+    """weight[ids]: ids (...) -> (..., H), with a sparse (V, H) gradient for the weight (rows touched only)."""
+    return _RowSparseLookup.apply(weight, ids, padding_idx)

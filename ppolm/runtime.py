@@ -104,11 +104,16 @@ class Runtime:
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None):
         """(model, optimizer) wrapped for this process layout: DDP through accelerate; a DeepSpeed engine and its
-        ZeRO optimizer (clipping at max_grad_norm inside the engine); FSDP2 models are already sharded."""
+        ZeRO optimizer (clipping at max_grad_norm inside the engine); FSDP2 models are already sharded. One
+        process: a tied input embedding gets a row-sparse gradient (ppolm.memory.row_sparse_tied_embeddings)."""
         if self.fsdp:
             return model, optimizer
         if self.deepspeed:
             return zero.initialize(model, optimizer, max_grad_norm)
+        if not self.distributed:
+            from ppolm.memory import row_sparse_tied_embeddings
+
+            row_sparse_tied_embeddings(model)
         return self.accelerator.prepare(model, optimizer)
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor] | None:

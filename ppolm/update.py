@@ -115,6 +115,9 @@ class Optimization:
                 self.runtime.backward(loss)
             for k, v in mb_metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v)
+        for p in self.params:  # a row-sparse embedding gradient no head's dense one absorbed (ppolm.memory)
+            if p.grad is not None and p.grad.is_sparse:
+                p.grad = p.grad.to_dense()
         grads = [p.grad for p in self.params if p.grad is not None]
         # One fused pass computes the global norm; it is finite exactly when every gradient entry is finite, so
         # it doubles as the NaN/inf check (a per-tensor isfinite scan costs ~3% of a step on a 135M model).
