@@ -175,8 +175,8 @@ def row_sparse_tied_embeddings(model: torch.nn.Module) -> int:
     many. Tied only: the head's dense gradient then absorbs the sparse one in autograd's sum, so the parameter's
     .grad stays dense, equal bit for bit, without the (V, H) zero fill and the full add (~0.09 GiB less at the PPO
     step's peak on the embedded model, and a few percent off its update; docs/bench.md).
-    Single-process only: DDP decides at wrap time which gradients are sparse, and FSDP2's and ZeRO's partitions
-    take none."""
+    Single-process CPU training only (Runtime.prepare): DDP decides at wrap time which gradients are sparse,
+    FSDP2's and ZeRO's partitions take none, and on CUDA index_add_ is not deterministic."""
     from transformers import PreTrainedModel
 
     n = 0

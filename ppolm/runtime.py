@@ -105,12 +105,14 @@ class Runtime:
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None):
         """(model, optimizer) wrapped for this process layout: DDP through accelerate; a DeepSpeed engine and its
         ZeRO optimizer (clipping at max_grad_norm inside the engine); FSDP2 models are already sharded. One
-        process: a tied input embedding gets a row-sparse gradient (ppolm.memory.row_sparse_tied_embeddings)."""
+        process on CPU: a tied input embedding gets a row-sparse gradient (ppolm.memory.row_sparse_tied_embeddings;
+        not on CUDA, whose index_add_ adds atomically, in no fixed order, where its embedding backward is
+        deterministic; and CUDA's caching allocator reuses the dense gradient's memory anyway)."""
         if self.fsdp:
             return model, optimizer
         if self.deepspeed:
             return zero.initialize(model, optimizer, max_grad_norm)
-        if not self.distributed:
+        if not self.distributed and self.device.type == "cpu":
             from ppolm.memory import row_sparse_tied_embeddings
 
             row_sparse_tied_embeddings(model)

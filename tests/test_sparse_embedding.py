@@ -23,8 +23,17 @@ from ppolm.trainers.ppo import PPOTrainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("n", [7, 600, 5000])
-def test_row_sparse_lookup_sums_each_row_as_the_dense_backward_does(n):
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """Both thread counts: a kernel that splits its sums over threads would add in another order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n", [7, 600, 5000, 40000])
+def test_row_sparse_lookup_sums_each_row_as_the_dense_backward_does(n, threads):
     gen = torch.Generator().manual_seed(n)
     weight = torch.randn(40, 8, generator=gen, requires_grad=True)
     ids = torch.randint(0, 12, (n,), generator=gen)  # many repeats of each row; row 3 is padding
@@ -64,7 +73,7 @@ def _grads(model: torch.nn.Module, amp: torch.dtype | None) -> dict[str, torch.T
 
 @pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2"])
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
-def test_a_tied_models_gradients_are_bitwise_those_of_the_dense_embedding(name, amp):
+def test_a_tied_models_gradients_are_bitwise_those_of_the_dense_embedding(name, amp, threads):
     model = load_model(name)
     disable_dropout(model)  # (GPT-2's): two forwards must be alike
     sparse = copy.deepcopy(model)
