@@ -184,7 +184,7 @@ def row_sparse_tied_embeddings(model: torch.nn.Module) -> int:
         if not isinstance(m, PreTrainedModel):
             continue
         emb, head = m.get_input_embeddings(), m.get_output_embeddings()
-        if (type(emb) is torch.nn.Embedding and head is not None and emb.weight is getattr(head, "weight", None)
+        if (type(emb) is torch.nn.Embedding and emb.weight is getattr(head, "weight", None)
                 and emb.weight.requires_grad and emb.max_norm is None and not emb.scale_grad_by_freq
                 and not emb.sparse):
             emb.__class__ = RowSparseGradEmbedding
